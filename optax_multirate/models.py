@@ -1,0 +1,205 @@
+"""Small Flax (linen) models with explicit per-layer widths.
+
+Every model is built from explicit per-layer widths (growth needs them) and has a
+``width_multiplier`` shortcut (``widths(base, m)``). Layer names follow one contract that
+the label helpers and :func:`optax_multirate.grow` rely on:
+
+* ``MLP``: hidden ``Dense_0 .. Dense_{n-1}`` (and ``BatchNorm_i`` after each when
+  ``batch_norm=True``), then ``head``.
+* ``CNN``: ``Conv_0 .. Conv_{n-1}`` (3x3, stride 1, "SAME"; ``BatchNorm_i`` after each when
+  ``batch_norm=True``), 2x2 max-pool after the convolutions listed in ``pool_after``, global
+  average pooling, optional hidden ``Dense_i``, then ``head``. The head's fan-in is the last
+  conv's channel count.
+* ``ResNet``: ``stem`` (+ ``stem_bn``), residual blocks ``ResBlock_0 ..`` (post-activation:
+  ``Conv_0, BatchNorm_0, relu, Conv_1, BatchNorm_1``, plus a projection ``proj`` / ``proj_bn``
+  where the width or stride changes), global average pooling, then ``head``.
+
+All models take ``x`` of shape ``(batch, ...)`` and a keyword ``train`` (batch norm uses
+batch statistics when ``train=True``) and return logits of shape ``(batch, num_classes)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MLP", "CNN", "ResNet", "widths"]
+
+
+def widths(base: Sequence[int], multiplier: float = 1.0, *, minimum: int = 1) -> tuple[int, ...]:
+    """Scales per-layer widths by a multiplier.
+
+    Args:
+      base: per-layer widths at multiplier 1.
+      multiplier: positive scale.
+      minimum: smallest width returned.
+
+    Returns:
+      ``tuple(max(minimum, round(w * multiplier)) for w in base)``.
+
+    Raises:
+      ValueError: if ``multiplier`` is not a positive finite number.
+
+    Examples:
+      >>> widths((16, 32, 64), 0.25)
+      (4, 8, 16)
+    """
+    if isinstance(multiplier, bool) or not (
+        isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0
+    ):
+        raise ValueError(f"multiplier must be a positive finite number, got {multiplier!r}")
+    return tuple(max(minimum, int(round(w * multiplier))) for w in base)
+
+
+def _check_widths(name: str, ws: Sequence[int], allow_empty: bool = False) -> None:
+    if not allow_empty and len(ws) == 0:
+        raise ValueError(f"{name} must not be empty, got {ws!r}")
+    for w in ws:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"{name} must hold positive ints, got {tuple(ws)!r}")
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron on flattened inputs.
+
+    Attributes:
+      features: hidden widths, one per hidden ``Dense`` layer.
+      num_classes: width of the ``head``.
+      batch_norm: add ``BatchNorm`` after each hidden layer (its ``Dense`` then has no bias).
+      use_bias: give the hidden ``Dense`` layers a bias (ignored with ``batch_norm``).
+      dropout: dropout rate after each hidden activation (needs a ``dropout`` rng when training).
+    """
+
+    features: Sequence[int] = (256, 256)
+    num_classes: int = 10
+    batch_norm: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+        _check_widths("features", self.features, allow_empty=True)
+        x = x.reshape((x.shape[0], -1))
+        for i, w in enumerate(self.features):
+            x = nn.Dense(w, use_bias=self.use_bias and not self.batch_norm, name=f"Dense_{i}")(x)
+            if self.batch_norm:
+                x = _bn(train, f"BatchNorm_{i}")(x)
+            x = nn.relu(x)
+            if self.dropout > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class CNN(nn.Module):
+    """Small convolutional network ending in global average pooling.
+
+    Attributes:
+      features: output channels of each 3x3 convolution.
+      dense: widths of hidden ``Dense`` layers after the pooling (may be empty).
+      num_classes: width of the ``head``.
+      pool_after: indices of convolutions followed by a 2x2 max-pool.
+      batch_norm: add ``BatchNorm`` after each convolution (the conv then has no bias).
+      use_bias: give convolutions a bias (ignored with ``batch_norm``).
+    """
+
+    features: Sequence[int] = (32, 64)
+    dense: Sequence[int] = ()
+    num_classes: int = 10
+    pool_after: Sequence[int] = (0, 1)
+    batch_norm: bool = False
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+        _check_widths("features", self.features)
+        _check_widths("dense", self.dense, allow_empty=True)
+        if x.ndim == 3:
+            x = x[..., None]
+        for i, c in enumerate(self.features):
+            x = nn.Conv(
+                c, (3, 3), padding="SAME", use_bias=self.use_bias and not self.batch_norm,
+                name=f"Conv_{i}",
+            )(x)
+            if self.batch_norm:
+                x = _bn(train, f"BatchNorm_{i}")(x)
+            x = nn.relu(x)
+            if i in self.pool_after:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(1, 2))
+        for i, w in enumerate(self.dense):
+            x = nn.relu(nn.Dense(w, name=f"Dense_{i}")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ResBlock(nn.Module):
+    """Post-activation residual block: conv-BN-relu-conv-BN, plus shortcut, then relu."""
+
+    features: int
+    strides: int = 1
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+        bias = not self.batch_norm
+        y = nn.Conv(self.features, (3, 3), self.strides, padding="SAME", use_bias=bias,
+                    name="Conv_0")(x)
+        if self.batch_norm:
+            y = _bn(train, "BatchNorm_0")(y)
+        y = nn.relu(y)
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=bias, name="Conv_1")(y)
+        if self.batch_norm:
+            y = _bn(train, "BatchNorm_1")(y)
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=bias, name="proj")(x)
+            if self.batch_norm:
+                x = _bn(train, "proj_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """Small ResNet: stem, stages of residual blocks, global average pooling, head.
+
+    Attributes:
+      stage_features: channels of each stage (the stem has ``stage_features[0]``).
+      blocks_per_stage: residual blocks in each stage.
+      num_classes: width of the ``head``.
+      batch_norm: use batch norm (convolutions then have no bias).
+    """
+
+    stage_features: Sequence[int] = (16, 32, 64)
+    blocks_per_stage: Sequence[int] = (1, 1, 1)
+    num_classes: int = 10
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+        _check_widths("stage_features", self.stage_features)
+        _check_widths("blocks_per_stage", self.blocks_per_stage)
+        if len(self.blocks_per_stage) != len(self.stage_features):
+            raise ValueError(
+                "blocks_per_stage must have one entry per stage, got "
+                f"{tuple(self.blocks_per_stage)!r} for stage_features {tuple(self.stage_features)!r}"
+            )
+        if x.ndim == 3:
+            x = x[..., None]
+        x = nn.Conv(self.stage_features[0], (3, 3), padding="SAME",
+                    use_bias=not self.batch_norm, name="stem")(x)
+        if self.batch_norm:
+            x = _bn(train, "stem_bn")(x)
+        x = nn.relu(x)
+        b = 0
+        for s, (c, n) in enumerate(zip(self.stage_features, self.blocks_per_stage)):
+            for j in range(n):
+                strides = 2 if (s > 0 and j == 0) else 1
+                x = ResBlock(c, strides, self.batch_norm, name=f"ResBlock_{b}")(x, train=train)
+                b += 1
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
