@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -230,7 +231,9 @@ class PhasedStep:
     Attributes:
       masks: the masks run so far, in first-use order (one compiled program each under host
         dispatch).
-      last_mask: the mask of the last call.
+      last_mask: the mask of the last call (None under switch dispatch).
+      compile_time_s: seconds spent compiling (ahead of time, on each program's first call).
+      num_compiles: number of compilations so far (one per distinct mask and input shape).
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -267,6 +270,8 @@ class PhasedStep:
         self._programs: dict[Any, Callable[..., StepOutput]] = {}
         self.masks: list[tuple[bool, ...]] = []
         self.last_mask: tuple[bool, ...] | None = None
+        self.compile_time_s = 0.0
+        self.num_compiles = 0
 
     # -- building blocks -------------------------------------------------------------------
 
@@ -298,12 +303,33 @@ class PhasedStep:
         """The (cached) step program for ``mask``: ``fn(params, opt_state, args, extra)``."""
         prog = self._programs.get(mask)
         if prog is None:
-            prog = functools.partial(self._grad_and_update, mask)
-            if self.jit:
-                prog = jax.jit(prog)
+            prog = self._wrap(functools.partial(self._grad_and_update, mask))
             self._programs[mask] = prog
             self.masks.append(mask)
         return prog
+
+    def _wrap(self, fn: Callable[..., StepOutput]) -> Callable[..., StepOutput]:
+        """Compiles ahead of time on first call, timing the compile apart from the step."""
+        if not self.jit:
+            return fn
+        jitted = jax.jit(fn)
+        compiled: list[Any] = []
+
+        def call(*a):
+            if compiled:
+                try:
+                    return compiled[0](*a)
+                except (TypeError, ValueError):
+                    pass  # new input shapes or dtypes: compile again below
+            t0 = time.perf_counter()
+            exe = jitted.lower(*a).compile()
+            self.compile_time_s += time.perf_counter() - t0
+            self.num_compiles += 1
+            compiled[:] = [exe]
+            return exe(*a)
+
+        call.lower = jitted.lower  # type: ignore[attr-defined]
+        return call
 
     def _switch_program(self, params, opt_state):
         tags = find_tags(opt_state)
@@ -333,7 +359,7 @@ class PhasedStep:
             idx = sum(t.phase * s for t, s in zip(find_tags(opt_state), strides))
             return jax.lax.switch(table_arr[idx], branches, params, opt_state, args, extra)
 
-        prog = jax.jit(run) if self.jit else run
+        prog = self._wrap(run)
         self._programs[key] = prog
         self.masks.extend(m for m in unique if m not in self.masks)
         return prog
