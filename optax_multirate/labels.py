@@ -138,8 +138,10 @@ def check_labels(
             )
     for r in require:
         if r not in out.values():
-            raise ValueError(f"{name}: no param is labelled {r!r}; labels found: "
-                             f"{sorted(set(map(str, out.values())))}")
+            raise ValueError(
+                f"{name}: no param is labelled {r!r}; labels found: "
+                f"{sorted(set(map(str, out.values())))}"
+            )
     return out
 
 

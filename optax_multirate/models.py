@@ -125,7 +125,10 @@ class CNN(nn.Module):
             x = x[..., None]
         for i, c in enumerate(self.features):
             x = nn.Conv(
-                c, (3, 3), padding="SAME", use_bias=self.use_bias and not self.batch_norm,
+                c,
+                (3, 3),
+                padding="SAME",
+                use_bias=self.use_bias and not self.batch_norm,
                 name=f"Conv_{i}",
             )(x)
             if self.batch_norm:
@@ -149,8 +152,9 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
         bias = not self.batch_norm
-        y = nn.Conv(self.features, (3, 3), self.strides, padding="SAME", use_bias=bias,
-                    name="Conv_0")(x)
+        y = nn.Conv(
+            self.features, (3, 3), self.strides, padding="SAME", use_bias=bias, name="Conv_0"
+        )(x)
         if self.batch_norm:
             y = _bn(train, "BatchNorm_0")(y)
         y = nn.relu(y)
@@ -186,12 +190,18 @@ class ResNet(nn.Module):
         if len(self.blocks_per_stage) != len(self.stage_features):
             raise ValueError(
                 "blocks_per_stage must have one entry per stage, got "
-                f"{tuple(self.blocks_per_stage)!r} for stage_features {tuple(self.stage_features)!r}"
+                f"{tuple(self.blocks_per_stage)!r} for stage_features "
+                f"{tuple(self.stage_features)!r}"
             )
         if x.ndim == 3:
             x = x[..., None]
-        x = nn.Conv(self.stage_features[0], (3, 3), padding="SAME",
-                    use_bias=not self.batch_norm, name="stem")(x)
+        x = nn.Conv(
+            self.stage_features[0],
+            (3, 3),
+            padding="SAME",
+            use_bias=not self.batch_norm,
+            name="stem",
+        )(x)
         if self.batch_norm:
             x = _bn(train, "stem_bn")(x)
         x = nn.relu(x)

@@ -116,9 +116,7 @@ def phase_tag(
         raise ValueError(f"reads must have phases 0..n-1 as keys, got {sorted(reads)!r}")
     by_path = labels_lib.check_labels(labels, params, name="labels")
     paths = tuple(labels_lib.leaf_paths(params))
-    table = tuple(
-        tuple(by_path[p] in set(reads[ph]) for p in paths) for ph in range(len(reads))
-    )
+    table = tuple(tuple(by_path[p] in set(reads[ph]) for p in paths) for ph in range(len(reads)))
     return PhaseTag(phase=jnp.asarray(phase, jnp.int32), paths=paths, reads=table, name=name)
 
 
@@ -453,7 +451,9 @@ def freeze_schedule(
       -1.0 -1.0 1
     """
     if not isinstance(frozen, Mapping) or not frozen:
-        raise ValueError(f"frozen must be a non-empty mapping label -> (start, stop), got {frozen!r}")
+        raise ValueError(
+            f"frozen must be a non-empty mapping label -> (start, stop), got {frozen!r}"
+        )
     for lab, iv in frozen.items():
         ok = isinstance(iv, tuple) and len(iv) == 2
         a, b = iv if ok else (None, None)

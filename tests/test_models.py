@@ -1,0 +1,59 @@
+"""Tests for optax_multirate.models: shapes, widths, batch norm, errors."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from optax_multirate.models import CNN, MLP, ResNet, widths
+
+
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (MLP(features=(8, 4), num_classes=3), (2, 5)),
+        (MLP(features=(8,), num_classes=3, batch_norm=True), (2, 6, 6, 1)),
+        (CNN(features=(4, 8), num_classes=5), (2, 8, 8, 1)),
+        (CNN(features=(4, 8), dense=(6,), num_classes=5, batch_norm=True), (2, 8, 8)),
+        (ResNet(stage_features=(4, 8, 8), blocks_per_stage=(1, 1, 1), num_classes=7), (2, 8, 8, 1)),
+        (ResNet(stage_features=(4, 8), blocks_per_stage=(1, 2), batch_norm=False), (2, 8, 8, 1)),
+    ],
+)
+def test_shapes_and_train_eval(model, shape):
+    x = jnp.ones(shape)
+    v = model.init(jax.random.key(0), x, train=False)
+    y = model.apply(v, x, train=False)
+    assert y.shape == (2, model.num_classes) and y.dtype == jnp.float32
+    if "batch_stats" in v:
+        y2, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+        assert y2.shape == y.shape
+        assert jax.tree.structure(upd["batch_stats"]) == jax.tree.structure(v["batch_stats"])
+
+
+def test_cnn_head_fan_in_is_channel_count():
+    m = CNN(features=(4, 12))
+    v = m.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    assert v["params"]["head"]["kernel"].shape == (12, 10)
+    assert "bias" in v["params"]["Conv_0"]
+    vb = CNN(features=(4, 12), batch_norm=True).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    assert "bias" not in vb["params"]["Conv_0"] and "BatchNorm_0" in vb["params"]
+
+
+def test_resnet_projection_only_where_needed():
+    m = ResNet(stage_features=(4, 4, 8), blocks_per_stage=(1, 1, 1))
+    p = m.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))["params"]
+    assert "proj" not in p["ResBlock_0"]
+    assert "proj" in p["ResBlock_1"]  # stride 2
+    assert "proj" in p["ResBlock_2"]  # width change
+
+
+def test_widths_and_errors():
+    assert widths((16, 32, 64), 0.5) == (8, 16, 32)
+    assert widths((3,), 0.1) == (1,)
+    with pytest.raises(ValueError, match="multiplier"):
+        widths((4,), 0)
+    with pytest.raises(ValueError, match="features"):
+        CNN(features=()).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        ResNet(stage_features=(4, 8), blocks_per_stage=(1,)).init(
+            jax.random.key(0), jnp.ones((1, 8, 8, 1))
+        )
