@@ -1,0 +1,537 @@
+"""Two regimes: a large-step phase, then a small-step phase with its own optimizer.
+
+SGD training passes through two regimes: with a large step it optimizes poorly but decides
+generalization; with a small step it optimizes fast and convex-like. :func:`two_regimes` runs
+a dedicated optimizer in each regime and switches once, in-graph, from the first to the second:
+
+.. math::
+
+    u_t = \\begin{cases} A(g_t) & t < t^\\star \\\\ B(g_t) & t \\ge t^\\star \\end{cases},
+    \\qquad t^\\star = \\min\\{t : \\text{step} \\lor \\text{plateau} \\lor \\text{signal}\\}
+
+where ``A`` is the large-step optimizer, ``B`` the small-step one (with its own state, fresh at
+the switch) and the switch ``t*`` is latched for good. The switch is triggered by a step count,
+a plateau of the ``value=`` signal (the windowing and comparison of
+``optax.contrib.reduce_on_plateau``), or an external ``switch=`` signal. One compiled step serves
+the whole run; :func:`phase_of` and ``state.switched_at`` tell a loop where it stands.
+:func:`two_regimes_sgd` is the one-knob preset: constant-rate SGD, then Adam.
+
+The rules the paper leaves open (phase-1 optimizer, switch rule, fraction of the budget, weight
+decay, re-initialisation at the switch) are those of the library's spec note
+``shared/spec/two_regimes.md``; the docs page lists them.
+
+Phase protocol: two regimes reads every gradient in both phases (it saves tuning runs, not
+backward work). Its state still carries a :class:`~optax_multirate.phases.PhaseTag` declaring
+both phases as reading every leaf, so :class:`~optax_multirate.phases.PhasedStep` and the test
+battery treat it like every phased method; ``tag.phase`` mirrors ``state.phase``.
+
+References:
+  Leclerc and Madry, `The Two Regimes of Deep Network Training
+  <https://arxiv.org/abs/2002.10376>`_, 2020.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_multirate.phases import PhaseTag, phase_tag, set_phase
+
+__all__ = [
+    "PlateauTrigger",
+    "TwoRegimesPlateauState",
+    "TwoRegimesState",
+    "phase_of",
+    "two_regimes",
+    "two_regimes_sgd",
+]
+
+_ALL = "all"
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _is_int(x: Any) -> bool:
+    """True for a Python int or a concrete integer scalar array (never for a bool)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return True
+    return (
+        isinstance(x, jax.Array | np.ndarray | np.integer)
+        and not _is_traced(x)
+        and jnp.ndim(x) == 0
+        and jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
+    )
+
+
+def _check_int(name: str, x: Any, low: int) -> None:
+    if _is_traced(x):
+        return
+    if not _is_int(x) or int(x) < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
+
+
+def _check_real(name: str, x: Any, low: float, high: float, *, low_open: bool) -> None:
+    if _is_traced(x):
+        return
+    ok = (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (
+        isinstance(x, jax.Array) and jnp.ndim(x) == 0
+    )
+    v = float(x) if ok else math.nan
+    ok = ok and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}], got {x!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlateauTrigger:
+    """The plateau trigger of :func:`two_regimes`: switch when ``value`` stops improving.
+
+    ``value`` (e.g. the training loss of each step) is averaged over windows of
+    ``accumulation_size`` calls. A window mean ``m`` improves if ``m < (1 - rtol) * best - atol``
+    (``best`` starts at +inf; a NaN never improves), as in ``optax.contrib.reduce_on_plateau``.
+    The switch fires at the first call with ``bad_windows >= patience`` and
+    ``count >= min_large_steps``, or with ``count >= max_large_steps``.
+
+    Attributes:
+      patience: windows without improvement before the switch (>= 1).
+      accumulation_size: calls per window (>= 1); the spec recommends steps per epoch.
+      rtol: relative tolerance in [0, 1].
+      atol: absolute tolerance >= 0 (``rtol`` and ``atol`` are not both 0).
+      min_large_steps: earliest call count at which the plateau may switch; None means
+        ``patience * accumulation_size`` (capped at ``max_large_steps``).
+      max_large_steps: switch at this call count at the latest; None means no cap.
+
+    Raises:
+      ValueError: naming the attribute, for a value outside the ranges above or
+        ``max_large_steps < min_large_steps``.
+
+    Examples:
+      >>> PlateauTrigger(patience=2, accumulation_size=10).min_steps
+      20
+    """
+
+    patience: int = 5
+    accumulation_size: int = 1
+    rtol: float = 1e-3
+    atol: float = 0.0
+    min_large_steps: int | None = None
+    max_large_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("patience", "accumulation_size"):
+            x = getattr(self, name)
+            if not (isinstance(x, int) and not isinstance(x, bool) and x >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        _check_real("rtol", self.rtol, 0.0, 1.0, low_open=False)
+        _check_real("atol", self.atol, 0.0, math.inf, low_open=False)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("rtol and atol must not both be 0, got rtol=0 and atol=0")
+        for name in ("min_large_steps", "max_large_steps"):
+            x = getattr(self, name)
+            if x is not None and not (isinstance(x, int) and not isinstance(x, bool) and x >= 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {x!r}")
+        lo, hi = self.min_large_steps, self.max_large_steps
+        if lo is not None and hi is not None and hi < lo:
+            raise ValueError(f"max_large_steps must be >= min_large_steps ({lo}), got {hi!r}")
+
+    @property
+    def min_steps(self) -> int:
+        """``min_large_steps``, resolved (``patience * accumulation_size`` when None)."""
+        if self.min_large_steps is not None:
+            return self.min_large_steps
+        default = self.patience * self.accumulation_size
+        return default if self.max_large_steps is None else min(default, self.max_large_steps)
+
+
+class TwoRegimesPlateauState(NamedTuple):
+    """State of the plateau trigger (frozen once phase 1 starts).
+
+    Attributes:
+      best: float32 scalar, best window mean so far (+inf before the first window).
+      bad_windows: int32 scalar, windows since the last improvement.
+      acc_sum: float32 scalar, sum of ``value`` over the current window.
+      acc_n: int32 scalar, calls in the current window.
+    """
+
+    best: jax.Array
+    bad_windows: jax.Array
+    acc_sum: jax.Array
+    acc_n: jax.Array
+
+
+class TwoRegimesState(NamedTuple):
+    """State of :func:`two_regimes`. Its pytree structure never changes during training.
+
+    Attributes:
+      count: int32 scalar, ``update`` calls so far.
+      phase: int32 scalar, 0 (large step) or 1 (small step): the phase of the last call, latched.
+      switched_at: int32 scalar, ``count`` of the first phase-1 call (-1 before the switch).
+      large_state: state of the large-step optimizer (frozen after the switch).
+      small_state: state of the small-step optimizer (as ``init`` made it before the switch).
+      plateau_state: a :class:`TwoRegimesPlateauState` with ``plateau=``, else None.
+      tag: the :class:`~optax_multirate.phases.PhaseTag` (both phases read every leaf;
+        ``tag.phase == phase``).
+    """
+
+    count: jax.Array
+    phase: jax.Array
+    switched_at: jax.Array
+    large_state: optax.OptState
+    small_state: optax.OptState
+    plateau_state: TwoRegimesPlateauState | None
+    tag: PhaseTag
+
+
+def _all_labels(params: Any) -> Any:
+    return jax.tree.map(lambda _: _ALL, params)
+
+
+def _plateau_step(
+    trig: PlateauTrigger,
+    ps: TwoRegimesPlateauState,
+    value: jax.typing.ArrayLike,
+    count: jax.Array,
+    in_large: jax.Array,
+) -> tuple[TwoRegimesPlateauState, jax.Array]:
+    """One call of the plateau rules; returns the new state and ``by_plateau``."""
+    acc_sum = ps.acc_sum + jnp.where(in_large, jnp.asarray(value).astype(jnp.float32), 0.0)
+    acc_n = ps.acc_n + in_large.astype(jnp.int32)
+    full = in_large & (acc_n == trig.accumulation_size)
+    m = acc_sum / jnp.maximum(acc_n, 1).astype(jnp.float32)
+    threshold = jnp.where(jnp.isinf(ps.best), jnp.inf, (1.0 - trig.rtol) * ps.best - trig.atol)
+    improved = m < threshold  # False for NaN
+    best = jnp.where(full & improved, m, ps.best)
+    bad = jnp.where(
+        full, jnp.where(improved, 0, optax.safe_increment(ps.bad_windows)), ps.bad_windows
+    )
+    new = TwoRegimesPlateauState(
+        best=best,
+        bad_windows=bad.astype(jnp.int32),
+        acc_sum=jnp.where(full, 0.0, acc_sum),
+        acc_n=jnp.where(full, 0, acc_n).astype(jnp.int32),
+    )
+    fire = (bad >= trig.patience) & (count >= trig.min_steps)
+    if trig.max_large_steps is not None:
+        fire = fire | (count >= trig.max_large_steps)
+    return new, fire
+
+
+def _check_branches(large, small, updates, state, params, fwd) -> None:
+    """Raises a ValueError naming both optimizers if their updates differ in structure."""
+
+    def out(tx, s):
+        return jax.eval_shape(lambda: tx.update(updates, s, params, **fwd)[0])
+
+    a, b = out(large, state.large_state), out(small, state.small_state)
+    sa = [(x.shape, x.dtype) for x in jax.tree.leaves(a)]
+    sb = [(x.shape, x.dtype) for x in jax.tree.leaves(b)]
+    if jax.tree.structure(a) != jax.tree.structure(b) or sa != sb:
+        raise ValueError(
+            "large_step and small_step must return updates of the same structure, shapes and "
+            f"dtypes; large_step gives {jax.tree.structure(a)} {sa[:3]}..., small_step gives "
+            f"{jax.tree.structure(b)} {sb[:3]}..."
+        )
+
+
+def two_regimes(
+    large_step: optax.GradientTransformation,
+    small_step: optax.GradientTransformation,
+    *,
+    switch_step: int | jax.Array | None = None,
+    plateau: PlateauTrigger | None = None,
+    signal: bool = False,
+    reinit_small_at_switch: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs ``large_step`` until a trigger fires, then ``small_step`` for good.
+
+    Call ``k`` (``count = k`` calls before it) runs ``small_step`` if any trigger fired at a call
+    ``<= k``: ``count >= switch_step``; the plateau rules of ``plateau`` on ``value``; or a true
+    ``switch``. So with ``switch_step=S`` calls ``0..S-1`` are phase 0 and call ``S`` on is phase 1
+    (the ``step < boundary`` rule of ``optax.join_schedules``); ``switch_step=0`` is phase 1 from
+    the first call. ``small_step``'s own count starts at 0 on its first update, so its schedules
+    run from the switch. At the switch ``small_step.init(params)`` is called again with the
+    current params if ``reinit_small_at_switch`` (a no-op for sgd/adam; it matters for states
+    that copy the params, e.g. schedule-free or parameter EMA). Phase 0's state is not carried
+    over. Every extra keyword argument of ``update`` (``value`` and ``switch`` included) is
+    passed to both optimizers, as ``optax.chain`` does.
+
+    Under ``vmap`` with a batched state both optimizers run and each batch member switches on
+    its own. Under ``optax.MultiSteps`` the count is in optimizer updates; under
+    ``optax.apply_if_finite`` rejected steps do not count. ``switch_step`` may be injected
+    (``inject_hyperparams``); ``plateau`` and ``signal`` are structural.
+
+    Args:
+      large_step: the phase-0 optimizer (e.g. ``optax.sgd(lr_large)``).
+      small_step: the phase-1 optimizer (e.g. ``optax.adam(1e-3)``); its updates must have the
+        structure, shapes and dtypes of ``large_step``'s.
+      switch_step: switch at this call count (int >= 0), or None.
+      plateau: a :class:`PlateauTrigger` on ``value=``, or None.
+      signal: accept a boolean ``switch=`` extra argument (required on every call when True).
+      reinit_small_at_switch: call ``small_step.init(params)`` at the switch.
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` whose ``update(updates, state, params=None, *,
+      value=None, switch=None, **extra)`` returns ``(updates, TwoRegimesState)``.
+
+    Raises:
+      TypeError: if ``large_step`` or ``small_step`` is not an ``optax.GradientTransformation``
+        or ``plateau`` is not a :class:`PlateauTrigger`.
+      ValueError: if no trigger is given, ``switch_step`` is not an int >= 0 (bools rejected),
+        ``signal`` or ``reinit_small_at_switch`` is not a bool; at trace time in ``update``:
+        ``value`` missing or not a scalar with ``plateau``, ``switch`` missing (``signal=True``)
+        or passed (``signal=False``) or not a scalar, ``params`` None with re-init on, or the two
+        optimizers' updates differing in structure or dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = two_regimes(optax.sgd(1.0), optax.sgd(0.1), switch_step=2)
+      >>> p = {"w": jnp.zeros(())}
+      >>> s = tx.init(p)
+      >>> for _ in range(3):
+      ...     u, s = tx.update({"w": jnp.ones(())}, s, p)
+      ...     print(f"{float(u['w']):.1f} phase={int(s.phase)} switched_at={int(s.switched_at)}")
+      -1.0 phase=0 switched_at=-1
+      -1.0 phase=0 switched_at=-1
+      -0.1 phase=1 switched_at=2
+
+    References:
+      Leclerc and Madry, `The Two Regimes of Deep Network Training
+      <https://arxiv.org/abs/2002.10376>`_, 2020.
+    """
+    for name, tx in (("large_step", large_step), ("small_step", small_step)):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(f"{name} must be an optax.GradientTransformation, got {tx!r}")
+    if plateau is not None and not isinstance(plateau, PlateauTrigger):
+        raise TypeError(f"plateau must be a PlateauTrigger or None, got {plateau!r}")
+    for name, flag in (("signal", signal), ("reinit_small_at_switch", reinit_small_at_switch)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    if switch_step is not None:
+        _check_int("switch_step", switch_step, 0)
+    if switch_step is None and plateau is None and not signal:
+        raise ValueError(
+            "two_regimes needs a trigger: switch_step, plateau or signal=True; got "
+            "switch_step=None, plateau=None, signal=False"
+        )
+    large = optax.with_extra_args_support(large_step)
+    small = optax.with_extra_args_support(small_step)
+
+    def init_fn(params: optax.Params) -> TwoRegimesState:
+        plateau_state = None
+        if plateau is not None:
+            plateau_state = TwoRegimesPlateauState(
+                best=jnp.asarray(jnp.inf, jnp.float32),
+                bad_windows=jnp.zeros([], jnp.int32),
+                acc_sum=jnp.zeros([], jnp.float32),
+                acc_n=jnp.zeros([], jnp.int32),
+            )
+        tag = phase_tag(params, _all_labels, {0: {_ALL}, 1: {_ALL}}, name="two_regimes")
+        return TwoRegimesState(
+            count=jnp.zeros([], jnp.int32),
+            phase=jnp.zeros([], jnp.int32),
+            switched_at=jnp.full([], -1, jnp.int32),
+            large_state=large.init(params),
+            small_state=small.init(params),
+            plateau_state=plateau_state,
+            tag=tag,
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: TwoRegimesState,
+        params: optax.Params | None = None,
+        *,
+        value: jax.typing.ArrayLike | None = None,
+        switch: jax.typing.ArrayLike | None = None,
+        **extra: Any,
+    ) -> tuple[optax.Updates, TwoRegimesState]:
+        if plateau is not None and value is None:
+            raise ValueError("value= is required by the plateau trigger (plateau is set)")
+        if value is not None and jnp.ndim(value) != 0:
+            raise ValueError(f"value must be a scalar, got shape {jnp.shape(value)}")
+        if signal and switch is None:
+            raise ValueError("switch= is required on every call with signal=True")
+        if switch is not None and not signal:
+            raise ValueError("switch= was passed but signal=False: build with signal=True")
+        if switch is not None and jnp.ndim(switch) != 0:
+            raise ValueError(f"switch must be a scalar, got shape {jnp.shape(switch)}")
+        if reinit_small_at_switch and params is None:
+            raise ValueError(
+                "params are required by reinit_small_at_switch=True: pass params to update"
+            )
+        fwd = dict(extra)
+        if value is not None:
+            fwd["value"] = value
+        if switch is not None:
+            fwd["switch"] = switch
+        _check_branches(large, small, updates, state, params, fwd)
+
+        in_large = state.phase == 0
+        go_small = state.phase == 1
+        if switch_step is not None:
+            go_small = go_small | (state.count >= switch_step)
+        plateau_state = state.plateau_state
+        if plateau is not None:
+            plateau_state, by_plateau = _plateau_step(
+                plateau, plateau_state, value, state.count, in_large
+            )
+            go_small = go_small | by_plateau
+        if signal:
+            go_small = go_small | jnp.asarray(switch).astype(bool)
+        just = go_small & in_large
+
+        small_state = state.small_state
+        if reinit_small_at_switch:
+            small_state = jax.lax.cond(just, lambda: small.init(params), lambda: small_state)
+
+        def run_large():
+            u, large_state = large.update(updates, state.large_state, params, **fwd)
+            return u, large_state, small_state
+
+        def run_small():
+            u, new_small = small.update(updates, small_state, params, **fwd)
+            return u, state.large_state, new_small
+
+        out, large_state, small_state = jax.lax.cond(go_small, run_small, run_large)
+        phase = go_small.astype(jnp.int32)
+        return out, TwoRegimesState(
+            count=optax.safe_increment(state.count),
+            phase=phase,
+            switched_at=jnp.where(just, state.count, state.switched_at).astype(jnp.int32),
+            large_state=large_state,
+            small_state=small_state,
+            plateau_state=plateau_state,
+            tag=set_phase(state.tag, phase),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def two_regimes_sgd(
+    lr_large: float | jax.Array,
+    *,
+    total_steps: int,
+    large_fraction: float = 0.8,
+    small_step: optax.GradientTransformation | None = None,
+    weight_decay: float | jax.Array = 0.0,
+    reinit_small_at_switch: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """The one-knob preset: constant-rate SGD for a fraction of the budget, then Adam.
+
+    Phase 0 is ``chain(add_decayed_weights(weight_decay), sgd(lr_large))`` (no momentum: in the
+    large-step regime momentum only rescales the rate; with momentum ``mu`` pass
+    ``lr_large * (1 - mu)``). Phase 1 is ``chain(add_decayed_weights(weight_decay), small_step)``
+    with ``small_step`` defaulting to ``optax.adam(1e-3)``, left untuned. The switch is at
+    ``switch_step = round(large_fraction * total_steps)`` updates. The same coupled L2 in both
+    phases keeps one objective.
+
+    ``lr_large`` and ``weight_decay`` may be traced (``inject_hyperparams``, ``vmap`` over
+    configurations); ``total_steps`` and ``large_fraction`` are structural: pass them as
+    ``static_args`` to ``inject_hyperparams``.
+
+    Args:
+      lr_large: the constant phase-0 SGD rate, finite and > 0: the one knob to tune.
+      total_steps: the training budget in optimizer updates (int >= 1).
+      large_fraction: fraction of the budget in phase 0, in (0, 1]; 1 never switches (warns).
+      small_step: the phase-1 optimizer; None means ``optax.adam(1e-3)``.
+      weight_decay: coupled L2 coefficient >= 0, added in both phases.
+      reinit_small_at_switch: see :func:`two_regimes`.
+
+    Returns:
+      A :func:`two_regimes` transformation.
+
+    Raises:
+      ValueError: naming the argument, for ``lr_large`` not finite and > 0, ``total_steps``
+        not an int >= 1, ``large_fraction`` outside (0, 1], or ``weight_decay`` < 0.
+      TypeError: if ``small_step`` is neither None nor an ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> tx = two_regimes_sgd(0.1, total_steps=10, large_fraction=0.5)
+      >>> p = {"w": jnp.zeros(2)}
+      >>> s = tx.init(p)
+      >>> for _ in range(10):
+      ...     _, s = tx.update({"w": jnp.ones(2)}, s, p)
+      >>> print(int(phase_of(s)), int(s.switched_at))
+      1 5
+    """
+    if not _is_traced(lr_large):
+        _check_real("lr_large", lr_large, 0.0, math.inf, low_open=True)
+    _check_int("total_steps", total_steps, 1)
+    if _is_traced(total_steps):
+        raise ValueError("total_steps must be static (pass it in static_args), got a tracer")
+    _check_real("large_fraction", large_fraction, 0.0, 1.0, low_open=True)
+    if _is_traced(large_fraction):
+        raise ValueError("large_fraction must be static (pass it in static_args), got a tracer")
+    _check_real("weight_decay", weight_decay, 0.0, math.inf, low_open=False)
+    if small_step is not None and not isinstance(small_step, optax.GradientTransformation):
+        raise TypeError(f"small_step must be None or a GradientTransformation, got {small_step!r}")
+    switch_step = int(round(float(large_fraction) * int(total_steps)))
+    if switch_step >= int(total_steps):
+        logging.warning(
+            "two_regimes_sgd: switch_step=%d >= total_steps=%d, so phase 1 never runs "
+            "(large_fraction=%r)",
+            switch_step,
+            int(total_steps),
+            large_fraction,
+        )
+    small = small_step if small_step is not None else optax.adam(1e-3)
+    return two_regimes(
+        optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr_large)),
+        optax.chain(optax.add_decayed_weights(weight_decay), small),
+        switch_step=switch_step,
+        reinit_small_at_switch=reinit_small_at_switch,
+    )
+
+
+def _is_two_regimes_state(x: Any) -> bool:
+    return isinstance(x, TwoRegimesState)
+
+
+def phase_of(state: optax.OptState) -> jax.Array:
+    """The latched phase (int32; 0 large step, 1 small step) of a :func:`two_regimes` state.
+
+    ``state`` may be the :class:`TwoRegimesState` itself or any optax state holding exactly
+    one (inside ``chain``, ``partition``, ``inject_hyperparams``, ...). A loop can act on it,
+    e.g. switch to a larger batch in phase 1 (one extra compile for the new shape).
+
+    Args:
+      state: an optimizer state.
+
+    Returns:
+      The ``phase`` array (int32 scalar; batched under ``vmap``).
+
+    Raises:
+      ValueError: if ``state`` holds no :class:`TwoRegimesState`, or more than one.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(optax.clip(1.0), two_regimes(optax.sgd(1.0), optax.sgd(0.1),
+      ...                  switch_step=0))
+      >>> s = tx.init({"w": jnp.zeros(())})
+      >>> _, s = tx.update({"w": jnp.ones(())}, s, {"w": jnp.zeros(())})
+      >>> print(int(phase_of(s)))
+      1
+    """
+    found = [
+        x for x in jax.tree.leaves(state, is_leaf=_is_two_regimes_state) if _is_two_regimes_state(x)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"state must hold exactly one TwoRegimesState, found {len(found)} in "
+            f"{type(state).__name__}"
+        )
+    return found[0].phase
