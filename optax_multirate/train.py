@@ -328,12 +328,22 @@ def _check_compatible(saved: list[dict[str, Any]], target: Any, where: str) -> N
             f"checkpoint {where} has the target's leaves in another order "
             f"(first difference: {next(a for a, b in zip(saved_paths, want_paths) if a != b)!r})"
         )
-    for s, w in zip(saved, want):
-        if s["shape"] != w["shape"] or s["dtype"] != w["dtype"]:
-            raise ValueError(
-                f"checkpoint {where}: leaf {s['path']!r} has shape {tuple(s['shape'])} "
-                f"{s['dtype']}, the target expects {tuple(w['shape'])} {w['dtype']}"
-            )
+    pairs = [
+        (s, w) for s, w in zip(saved, want) if (s["shape"], s["dtype"]) != (w["shape"], w["dtype"])
+    ]
+    pairs.sort(key=lambda sw: sw[0]["path"].count("/"))  # shallowest (params) first
+    bad = [
+        f"{s['path']!r} has shape {tuple(s['shape'])} {s['dtype']}, the target expects "
+        f"{tuple(w['shape'])} {w['dtype']}"
+        for s, w in pairs
+    ]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            f"checkpoint {where} does not match the target tree: leaf "
+            + "; leaf ".join(bad[:5])
+            + more
+        )
 
 
 def _checkpointer():
