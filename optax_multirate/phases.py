@@ -313,20 +313,25 @@ class PhasedStep:
         jitted = jax.jit(fn)
         compiled: list[Any] = []
 
-        def call(*a):
-            if compiled:
-                try:
-                    return compiled[0](*a)
-                except (TypeError, ValueError):
-                    pass  # new input shapes or dtypes: compile again below
+        def compile_for(*a):
             t0 = time.perf_counter()
             exe = jitted.lower(*a).compile()
             self.compile_time_s += time.perf_counter() - t0
             self.num_compiles += 1
             compiled[:] = [exe]
-            return exe(*a)
+            return exe
+
+        def call(*a):
+            if compiled:
+                try:
+                    return compiled[0](*a)
+                except (TypeError, ValueError):
+                    pass  # new input shapes, dtypes or shardings: compile again below
+            return compile_for(*a)(*a)
 
         call.lower = jitted.lower  # type: ignore[attr-defined]
+        call.compiled = compiled  # type: ignore[attr-defined]
+        call.compile_for = compile_for  # type: ignore[attr-defined]
         return call
 
     def _switch_program(self, params, opt_state):
@@ -388,8 +393,17 @@ class PhasedStep:
         return prog.lower(params, opt_state, args, extra)
 
     def flops(self, mask: tuple[bool, ...] | None, params, opt_state, *args, **extra) -> float:
-        """Compiled FLOPs of one step with ``mask`` (XLA ``cost_analysis``)."""
-        cost = self.lower(mask, params, opt_state, *args, **extra).compile().cost_analysis()
+        """Compiled FLOPs of one step with ``mask`` (XLA ``cost_analysis``).
+
+        Under ``jit`` the program is compiled once and kept for later calls.
+        """
+        prog = self._switch_program(params, opt_state) if mask is None else self.program(mask)
+        a = (params, opt_state, args, extra)
+        if self.jit:
+            exe = prog.compiled[0] if prog.compiled else prog.compile_for(*a)
+        else:
+            exe = self.lower(mask, *a[:2], *args, **extra).compile()
+        cost = exe.cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0]
         return float(cost.get("flops", float("nan")))
