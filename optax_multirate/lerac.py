@@ -159,6 +159,7 @@ def _multipliers(u: jax.Array, r: Any, *, mode: str, k: int | None, c: Any) -> j
         slope = np.log(r) / k if concrete else jnp.log(r) / k
         rem = (k - jnp.minimum(u, k)).astype(jnp.float32)
         m = jnp.exp(rem * jnp.asarray(slope, jnp.float32))
+        m = jnp.where(u <= 0, jnp.asarray(r, jnp.float32), m)  # exactly r at tick 0
         return jnp.where(u >= k, jnp.float32(1.0), m)
     need = _ticks_needed(r, c)
     if k is not None:
