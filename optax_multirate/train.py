@@ -417,7 +417,7 @@ def restore_checkpoint(
 
     Raises:
       ValueError: if ``path`` does not exist, or the saved tree differs from ``target`` in
-        structure, shapes or dtypes (the message names the first mismatched path).
+        structure, shapes or dtypes (the message names the mismatched paths).
     """
     path = pathlib.Path(path).absolute()
     if not path.exists():
@@ -639,8 +639,9 @@ def fit(
 
     Raises:
       ValueError: for bad ``epochs``, ``batch_size``, ``max_to_keep``,
-        ``checkpoint_every_steps`` or ``max_steps``, ``resume`` without ``checkpoint_dir``, or
-        a checkpoint whose tree differs from this run's (the message names the path).
+        ``checkpoint_every_steps`` or ``max_steps``, ``resume`` without ``checkpoint_dir``, a
+        ``checkpoint_dir`` that holds checkpoints without ``resume``, or a checkpoint whose
+        tree differs from this run's (the message names the paths).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -672,6 +673,13 @@ def fit(
     mgr = None
     if checkpoint_dir is not None:
         mgr = _manager(pathlib.Path(checkpoint_dir).absolute(), max_to_keep)
+    if not resume and mgr is not None and mgr.all_steps():
+        mgr.close()
+        raise ValueError(
+            f"checkpoint_dir {str(checkpoint_dir)!r} already holds checkpoints (steps "
+            f"{sorted(mgr.all_steps())[-3:]!r}); pass resume=True to continue from the newest, "
+            "or give an empty directory (fit never overwrites a checkpoint)"
+        )
     if resume and mgr is not None and mgr.latest_step() is not None:
         latest = mgr.latest_step()
         state, info = _restore(

@@ -190,6 +190,8 @@ def test_resume_mid_epoch_is_bitwise(tmp_path):
     assert tr.latest_checkpoint(ckpt) == 18
     assert len(list(ckpt.iterdir())) >= 2  # older checkpoints are kept
 
+    with pytest.raises(ValueError, match="resume=True"):  # never overwrites checkpoints
+        tr.fit(model, tx, TRAIN, TEST, checkpoint_dir=ckpt, **kw)
     # resuming a finished run does nothing and returns the same params
     again = tr.fit(model, tx, TRAIN, TEST, checkpoint_dir=ckpt, resume=True, **kw)
     assert again.steps == 18 and _equal(again.params, full.params)
