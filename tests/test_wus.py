@@ -201,8 +201,8 @@ def test_weights_and_their_optimizer_state_unchanged_in_a_window():
     # Window: periods 4..5 = steps 6..9 (0-based); phase 1 after step 5 through step 8.
     assert [int(wus_phase(s)) for _, s in snaps] == [0] * 5 + [1] * 4 + [0] * 3
     before_p, before_s = snaps[5]
-    # The held group: partition's MaskedState > conditionally_mask's state > adamw's state.
-    hold = lambda s: s.inner_state.inner_states["hold"].inner_state.inner_state  # noqa: E731
+    # The held group: partition's MaskedState > adamw's state (count, moments).
+    hold = lambda s: s.inner_state.inner_states["hold"].inner_state  # noqa: E731
     keep = lambda s: s.inner_state.inner_states["keep"]  # noqa: E731
     for p, s in snaps[6:10]:
         for name in ("Conv_0", "head"):
@@ -440,3 +440,26 @@ def test_init_and_update_errors():
     forced = wus(optax.sgd(0.1), labels, force_windows=(1,), threshold=0.0)
     _, s = forced.update(params, forced.init(params), params)  # value optional here
     assert int(wus_phase(s)) == 1
+
+
+def test_benchmark_quick_writes_summary(tmp_path):
+    import json
+
+    from benchmarks.wus import main
+
+    main(["--quick", "--out-dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "wus.quick.json").read_text())["summary"]
+    for key in [
+        "time_ratio",
+        "time_to_accuracy_ratio",
+        "accuracy_delta_pt",
+        "wuslr_time_ratio",
+        "wuslr_time_to_accuracy_ratio",
+        "wuslr_accuracy_delta_pt",
+        "skipped_step_fraction",
+        "bias_only_step_time_ratio",
+        "predicted_time_ratio",
+        "random_windows_accuracy_delta_pt",
+    ]:
+        assert key in summary, key
+    assert (tmp_path / "wus.quick.md").exists() and (tmp_path / "wus.quick.png").exists()
