@@ -727,8 +727,8 @@ def grow(
             put(new_stats, layer.bn, "mean", mean)
             put(new_stats, layer.bn, "var", var)
 
-    def cast(new, old):
-        return jnp.asarray(new, jnp.asarray(old).dtype)
+    def cast(new, old):  # device_put: jnp.asarray would compile a copy per new shape
+        return jax.device_put(new.astype(np.asarray(old).dtype))
 
     out = dict(variables)
     out["params"] = jax.tree.map(cast, new_params, variables["params"])
@@ -741,8 +741,12 @@ def grow(
 
 
 def _grow_state(opt_state, new_params, optimizer, stage, momentum, num_stages):
-    """``optimizer.init(new_params)`` with the old values carried over leaf by leaf."""
-    fresh = optimizer.init(new_params)
+    """``optimizer.init(new_params)`` with the old values carried over leaf by leaf.
+
+    Only the structure, shapes and dtypes of the new state are needed, so ``init`` is traced
+    with ``jax.eval_shape`` (nothing compiles) and every leaf is built in numpy.
+    """
+    fresh = jax.eval_shape(optimizer.init, new_params)
     old_leaves, old_def = jax.tree.flatten(opt_state)
     new_leaves, new_def = jax.tree.flatten(fresh)
     if old_def != new_def:
@@ -751,21 +755,22 @@ def _grow_state(opt_state, new_params, optimizer, stage, momentum, num_stages):
             f"this optimizer?\n  opt_state: {old_def}\n  init: {new_def}"
         )
     out = []
-    for o, n in zip(old_leaves, new_leaves):
-        o = np.asarray(o)
-        if o.shape == n.shape:
-            out.append(jnp.asarray(o, n.dtype))
+    for leaf, n in zip(old_leaves, new_leaves):
+        if tuple(np.shape(leaf)) == tuple(n.shape):
+            out.append(leaf)
             continue
-        if o.ndim != n.ndim or any(a > b for a, b in zip(o.shape, n.shape)):
+        o = np.asarray(leaf)
+        if o.ndim != len(n.shape) or any(a > b for a, b in zip(o.shape, n.shape)):
             raise ValueError(f"opt_state: a leaf of shape {o.shape} cannot grow to {n.shape}")
         if o.dtype.kind in "iu":  # birth ids
             if num_stages is not None and stage + 1 >= num_stages:
                 raise ValueError(f"num_stages={num_stages} has no stage {stage + 1}")
-            out.append(jnp.asarray(_pad(o, n.shape, stage + 1), n.dtype))
+            new = _pad(o, n.shape, stage + 1)
         elif momentum == "carry":
-            out.append(jnp.asarray(_pad(o, n.shape, 0.0), n.dtype))
+            new = _pad(o, n.shape, 0.0)
         else:
-            out.append(jnp.zeros(n.shape, n.dtype))
+            new = np.zeros(n.shape, np.float32)
+        out.append(jax.device_put(new.astype(n.dtype)))
     state = jax.tree.unflatten(new_def, out)
     if optax.tree_utils.tree_get_all_with_path(state, "lra_stale"):
         state = optax.tree_utils.tree_set(state, lra_stale=jnp.asarray(True))
@@ -773,6 +778,11 @@ def _grow_state(opt_state, new_params, optimizer, stage, momentum, num_stages):
 
 
 # ------------------------------------------------------------------------------- the loop
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_logits(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, train=False)
 
 
 @dataclasses.dataclass
@@ -792,8 +802,8 @@ class GrownFitResult:
         eval-mode logits on a probe batch) and ``max_logit``.
       final_accuracy: test accuracy after the last epoch.
       train_time_s: total train time (growth included, compiles and evaluation excluded).
-      compile_time_s: time spent compiling step programs.
-      num_compiles: step programs compiled, per stage.
+      compile_time_s: time this call spent compiling step programs.
+      num_compiles: step programs this call compiled, per stage.
       steps_per_stage: steps run in each stage.
       step_times_ms: per-stage lists of step wall times (compiling steps left out).
       flops_per_step: compiled FLOPs of one step per stage (``measure_flops=True``), else [].
@@ -832,6 +842,7 @@ def fit_grown(
     measure_flops: bool = False,
     probe_size: int = 256,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    step_cache: dict[Any, Any] | None = None,
 ) -> GrownFitResult:
     """Runs a whole grown training: each stage trains, then :func:`grow` maps to the next.
 
@@ -854,6 +865,9 @@ def fit_grown(
       measure_flops: record the compiled FLOPs of each stage's step.
       probe_size: test examples whose logits are compared across each growth.
       on_epoch_end: ``callback(epoch, history_row)`` after each epoch's evaluation.
+      step_cache: a dict kept by the caller to reuse the compiled train steps across calls
+        with the same ``tx`` (e.g. the seeds of one benchmark arm), keyed by
+        ``(stage model, tx, dispatch)``; ``num_compiles`` then counts this call's compiles.
 
     Returns:
       A :class:`GrownFitResult`.
@@ -887,8 +901,8 @@ def fit_grown(
     epoch = global_step = 0
     for stage, stage_epochs in enumerate(schedule.epochs):
         if stage:
+            before = _eval_logits(model, {"params": params, **model_state}, probe)
             t0 = time.perf_counter()
-            before = model.apply({"params": params, **model_state}, probe, train=False)
             nxt = model_fn(schedule.widths[stage])
             shapes = jax.eval_shape(
                 functools.partial(nxt.init, train=False), jax.random.PRNGKey(0), probe[:1]
@@ -903,7 +917,7 @@ def fit_grown(
             jax.block_until_ready((params, opt_state))
             grow_time = time.perf_counter() - t0
             train_time += grow_time
-            after = model.apply({"params": params, **model_state}, probe, train=False)
+            after = _eval_logits(model, {"params": params, **model_state}, probe)
             growths.append(
                 {
                     "stage": stage,
@@ -915,7 +929,13 @@ def fit_grown(
                     "max_logit": float(jnp.max(jnp.abs(before))),
                 }
             )
-        step_fn = train_lib.make_train_step(model, tx, dispatch=dispatch)
+        cache_key = (model, tx, dispatch)
+        step_fn = None if step_cache is None else step_cache.get(cache_key)
+        if step_fn is None:
+            step_fn = train_lib.make_train_step(model, tx, dispatch=dispatch)
+            if step_cache is not None:
+                step_cache[cache_key] = step_fn
+        n_before, t_before = step_fn.phased.num_compiles, step_fn.phased.compile_time_s
         stage_times: list[float] = []
         for _ in range(stage_epochs):
             keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), epoch),
@@ -958,8 +978,8 @@ def fit_grown(
             _log.info("epoch %d stage %d: %s", epoch, stage, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
-        compiles.append(step_fn.phased.num_compiles)
-        compile_time += step_fn.phased.compile_time_s
+        compiles.append(step_fn.phased.num_compiles - n_before)
+        compile_time += step_fn.phased.compile_time_s - t_before
         steps.append(stage_epochs * steps_per_epoch)
         times.append(stage_times)
     return GrownFitResult(

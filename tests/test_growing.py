@@ -1,6 +1,7 @@
 """Tests for optax_multirate.growing: schedule, function-preserving growth, grown state, LRA."""
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ def _shapes(model, x):
     return jax.eval_shape(functools.partial(model.init, train=False), KEY, x)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(model, v, x, train):
     if "batch_stats" in v:
         return model.apply(v, x, train=train, mutable=["batch_stats"])[0]
@@ -129,7 +131,7 @@ def test_growth_is_function_preserving(name, bn):
         dict(rescale=None),
         dict(rescale="measured_old"),
         dict(rescale="measured_new", new_init="mup_sq"),
-        dict(new_init=jax.nn.initializers.normal(1.0)),
+        dict(new_init=lambda key, shape, dtype: np.full(shape, 0.5, np.float32)),
         dict(momentum="carry"),
     ],
 )
@@ -268,8 +270,9 @@ def test_momentum_reset_or_carry_and_counts_survive(momentum):
     )
     state = tx.init(v["params"])
     g = jax.tree.map(jnp.ones_like, v["params"])
+    update = jax.jit(tx.update)
     for _ in range(3):
-        _, state = tx.update(g, state, v["params"])
+        _, state = update(g, state, v["params"])
     v2, st = grow(v, state, 0, key=KEY, next_shapes=_shapes(m1, x), optimizer=tx,
                   momentum=momentum)  # fmt: skip
     body = st.inner_states["body"].inner_state
@@ -287,7 +290,7 @@ def test_momentum_reset_or_carry_and_counts_survive(momentum):
     mu = st.inner_states["head"].inner_state[0].mu["head"]["kernel"]
     assert mu.shape == (10, 10)
     # the state works with the grown params
-    _, st = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st, v2["params"])
+    _, st = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, v2["params"]), st, v2["params"])
 
 
 def test_symmetry_breaks_after_one_step():
@@ -483,9 +486,13 @@ def test_fit_grown_one_compile_per_stage_and_exact_growth():
     sched = GrowthSchedule((8, 8), total_epochs=4, m0=0.5, p_c=0.5, t0=1)
     assert sched.num_stages == 3
     tx = _tx(sched.num_stages)
-    res = fit_grown(lambda w: MLP(w, num_classes=2, batch_norm=True), tx, split, split, sched,
-                    batch_size=32, seed=0, measure_flops=True)  # fmt: skip
+    model_fn = lambda w: MLP(w, num_classes=2, batch_norm=True)
+    cache = {}
+    res = fit_grown(model_fn, tx, split, split, sched, batch_size=32, seed=0,
+                    measure_flops=True, step_cache=cache)  # fmt: skip
     assert res.num_compiles == [1, 1, 1]
+    again = fit_grown(model_fn, tx, split, split, sched, batch_size=32, seed=1, step_cache=cache)
+    assert again.num_compiles == [0, 0, 0] and len(cache) == 3
     assert res.steps_per_stage == [3, 6, 3] and len(res.history) == 4
     assert [g["stage"] for g in res.growths] == [1, 2]
     assert all(g["max_logit_change"] < 1e-4 * max(g["max_logit"], 1) for g in res.growths)
@@ -536,3 +543,24 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
         rp, rs, rms, _ = step(rp, rs, rms, batch, KEY)
     jax.tree.map(np.testing.assert_array_equal, (p, s, ms), (rp, rs, rms))
     assert step.phased.num_compiles == 1
+
+
+def test_benchmark_quick(tmp_path):
+    from benchmarks.growing import main
+
+    main(["--quick", "--out-dir", str(tmp_path)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    data = json.loads((tmp_path / [f for f in files if f.endswith(".json")][0]).read_text())
+    for k in (
+        "time_ratio",
+        "time_to_accuracy_ratio",
+        "flop_ratio",
+        "accuracy_delta_pt",
+        "no_vt_accuracy_delta_pt",
+        "no_lra_accuracy_delta_pt",
+        "max_logit_change",
+        "mlp_time_ratio",
+        "mlp_accuracy_delta_pt",
+        "mlp_max_logit_change",
+    ):
+        assert k in data["summary"], k
