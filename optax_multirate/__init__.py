@@ -51,6 +51,7 @@ from optax_multirate.phases import (
     phase_tag,
     read_phases,
     set_phase,
+    zero_unread,
 )
 from optax_multirate.train import (
     FitResult,
@@ -117,6 +118,7 @@ __all__ = [
     "phase_tag",
     "read_phases",
     "set_phase",
+    "zero_unread",
     # train loop
     "FitResult",
     "TrainStep",

@@ -50,6 +50,7 @@ __all__ = [
     "PhaseTag",
     "phase_tag",
     "set_phase",
+    "zero_unread",
     "find_tags",
     "read_phases",
     "needed_mask",
@@ -123,6 +124,31 @@ def phase_tag(
 def set_phase(tag: PhaseTag, phase: jax.typing.ArrayLike) -> PhaseTag:
     """Returns ``tag`` with a new (traced or concrete) phase."""
     return tag.replace(phase=jnp.asarray(phase, jnp.int32))
+
+
+def zero_unread(updates: Any, tag: PhaseTag) -> Any:
+    """Replaces the leaves ``tag``'s current phase does not read by zeros (``jnp.where``).
+
+    The gate every phased transformation applies to its incoming gradients: NaN or garbage
+    in an unread slot changes nothing, and the traced phase selects the row in-graph.
+
+    Args:
+      updates: a tree with the structure of the params the tag was built on.
+      tag: the incoming :class:`PhaseTag` (its phase gates this update).
+
+    Raises:
+      ValueError: if ``updates`` has a different number of leaves than the tag's params.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    if len(leaves) != len(tag.paths):
+        raise ValueError(
+            f"{tag.name or 'phased transformation'}: updates have {len(leaves)} leaves, the "
+            f"params at init had {len(tag.paths)}"
+        )
+    row = jnp.asarray(tag.reads, bool)[tag.phase]
+    return jax.tree.unflatten(
+        treedef, [jnp.where(row[i], x, jnp.zeros_like(x)) for i, x in enumerate(leaves)]
+    )
 
 
 def _is_tag(x: Any) -> bool:
@@ -500,17 +526,9 @@ def freeze_schedule(
         return FreezeScheduleState(jnp.zeros([], jnp.int32), inner.init(params), tag)
 
     def update_fn(updates, state, params=None, **extra):
-        row = jnp.asarray(state.tag.reads, bool)[state.tag.phase]
-        leaves, treedef = jax.tree.flatten(updates)
-        live = [row[i] for i in range(len(leaves))]
-        g = jax.tree.unflatten(
-            treedef, [jnp.where(a, x, jnp.zeros_like(x)) for x, a in zip(leaves, live)]
-        )
+        g = zero_unread(updates, state.tag)
         u, inner_state = inner.update(g, state.inner_state, params, **extra)
-        u = jax.tree.unflatten(
-            treedef,
-            [jnp.where(a, x, jnp.zeros_like(x)) for x, a in zip(jax.tree.leaves(u), live)],
-        )
+        u = zero_unread(u, state.tag)
         count = optax.safe_increment(state.count)
         tag = set_phase(state.tag, segment(count))
         return u, FreezeScheduleState(count, inner_state, tag)
