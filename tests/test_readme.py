@@ -1,0 +1,16 @@
+"""The README's example runs as written."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    step = namespace["step"]
+    assert len(step.masks) == 2  # full on cycle starts, head-only in between
+    assert sum(step.masks[1]) == 2  # head kernel and bias only
