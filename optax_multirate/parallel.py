@@ -17,8 +17,10 @@ hosts, call ``jax.distributed.initialize()`` first and build the mesh over
 
 A user who wants some params sharded rather than replicated (a wide layer split over the
 devices) builds a :class:`jax.sharding.NamedSharding` tree with :func:`param_shardings` and
-places the params with it; ``jax.jit(tx.init)`` then gives an optimizer state sharded like
-them, and the step keeps every sharding from step to step (one compile per phase).
+places the params with it; ``place(tx.init(params), mesh)`` then gives an optimizer state
+sharded like them (``tx.init`` makes its moments with ``zeros_like``, which keeps a
+sharding; ``place`` replicates the counters and phase tags), and the step keeps every
+sharding from step to step (one compile per phase).
 ``tests/test_parallel.py`` checks all of this on 8 virtual CPU devices against one device;
 ``docs/scaling.md`` is the guide.
 
@@ -46,6 +48,7 @@ __all__ = [
     "shard_batch",
     "shard_local_batch",
     "replicate",
+    "place",
     "param_shardings",
     "DATA_AXIS",
 ]
@@ -84,6 +87,31 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places every array of ``tree`` replicated on ``mesh``."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def place(tree: Any, mesh: Mesh) -> Any:
+    """Replicates ``tree`` on ``mesh``, keeping leaves a user already sharded on that mesh.
+
+    A leaf that is a ``jax.Array`` with a :class:`~jax.sharding.NamedSharding` over ``mesh``
+    (e.g. placed with :func:`param_shardings`) keeps its sharding; every other leaf is
+    replicated. What a train loop calls on ``(params, model_state, opt_state)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> mesh = data_mesh()
+      >>> t = place({"a": np.ones(2)}, mesh)
+      >>> print(t["a"].sharding.spec)
+      P()
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 def shard_local_batch(batch: Any, mesh: Mesh) -> Any:
@@ -136,8 +164,10 @@ def param_shardings(
     Each rule is a regular expression searched in a leaf's path (``"Conv_1/kernel"``, as
     :func:`optax_multirate.rule_labels` reads paths) mapped to the
     :class:`~jax.sharding.PartitionSpec` of the leaves it matches; unmatched leaves are
-    replicated. Place the params with ``jax.device_put(params, shardings)`` and build the
-    optimizer state with ``jax.jit(tx.init)(params)`` so that it is sharded like them.
+    replicated. Place the params with ``jax.device_put(params, shardings)`` and the optimizer
+    state with ``place(tx.init(params), mesh)`` so that its moments are sharded like them
+    (not ``jax.jit(tx.init)``: its outputs do not depend on the params' values, so they
+    come back on one device).
 
     Args:
       params: the parameter tree (arrays or shape structs).

@@ -24,9 +24,12 @@ Usage: ``python tests/_parallel_worker.py [CASE ...]`` (default: every case).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
+import pathlib
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +41,7 @@ from jax.sharding import PartitionSpec
 
 import optax_multirate as om
 from optax_multirate import parallel
+from optax_multirate.data import Split
 from optax_multirate.models import CNN
 
 NUM_DEVICES = 8
@@ -84,6 +88,11 @@ def _depths(params: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ cases
+
+
+def _accuracy(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """WUS's signal: the batch accuracy (on a mesh, the global-batch mean)."""
+    return {"value": metrics["accuracy"]}
 
 
 def _subgroups_step(model: CNN, tx: optax.GradientTransformation) -> om.PhasedStep:
@@ -203,14 +212,15 @@ def run(name: str, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
         shardings = parallel.param_shardings(params, mesh, {"^Conv_1/kernel$": spec})
     params = _place(params, mesh, shardings)
     model_state = _place(model_state, mesh)
-    # init under jit (one compile, not one per eager op): the optimizer state follows the
-    # params' shardings (moments of a sharded kernel are sharded like it, the rest replicated).
-    opt_state = jax.jit(tx.init)(params)
+    # Moments made by zeros_like keep the params' shardings; place replicates the rest.
+    opt_state = tx.init(params)
+    opt_state = parallel.place(opt_state, mesh) if mesh is not None else opt_state
+    template = (params, opt_state)  # a fresh, placed restore target
 
     def make_step(m: CNN):
         if "subgroups" in extras:
             return _subgroups_step(m, tx), "raw"
-        fn = (lambda met: {"value": met["accuracy"]}) if "value" in extras else None
+        fn = _accuracy if "value" in extras else None
         return om.make_train_step(m, tx, extra_args_fn=fn).phased, "train"
 
     step, kind = make_step(model)
@@ -241,7 +251,9 @@ def run(name: str, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
         masks.append("".join("1" if m else "0" for m in step.last_mask))
     compiles += step.num_compiles
     devices = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(params)})
+    checkpoint = _checkpoint_round_trip((params, opt_state), template) if mesh else None
     return {
+        "checkpoint": checkpoint,
         "params": jax.device_get(params),
         "opt_state": jax.device_get(opt_state),
         "model_state": jax.device_get(model_state),
@@ -250,9 +262,35 @@ def run(name: str, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
         "distinct_masks": sum(len(s.masks) for s in steps_used),
         "param_devices": devices,
         "batch_devices": batch_devices,
-        "shardings": sorted(
-            {str(getattr(x.sharding, "spec", "single device")) for x in jax.tree.leaves(params)}
-        ),
+        "shardings": _specs(params),
+        "opt_state_shardings": _specs(opt_state),
+    }
+
+
+def _specs(tree: Any) -> list[str]:
+    """The distinct partition specs of a tree's arrays ("single device" off a mesh)."""
+    return sorted(
+        {str(getattr(x.sharding, "spec", "single device")) for x in jax.tree.leaves(tree)}
+    )
+
+
+def _checkpoint_round_trip(state: Any, template: Any) -> dict[str, bool] | None:
+    """Saves ``state`` with the train module's orbax helper and restores it into ``template``.
+
+    Returns whether the restore is bitwise and keeps the target's shardings (None when the
+    shapes changed during the run, as after a growth).
+    """
+    shapes = lambda t: [np.shape(x) for x in jax.tree.leaves(t)]  # noqa: E731
+    if shapes(state) != shapes(template):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "ckpt"
+        om.save_checkpoint(path, state)
+        back = om.restore_checkpoint(path, template)
+    pairs = list(zip(jax.tree.leaves(state), jax.tree.leaves(back)))
+    return {
+        "bitwise": all(np.array_equal(a, b) for a, b in pairs),
+        "shardings_kept": all(a.sharding == b.sharding for a, b in pairs),
     }
 
 
@@ -290,6 +328,31 @@ def _max_diff(a: Any, b: Any) -> float:
     return worst
 
 
+def fit_case(mesh: jax.sharding.Mesh) -> dict[str, Any] | None:
+    """``train.fit(..., mesh=)`` against ``fit`` on one device (None if fit has no ``mesh``)."""
+    if "mesh" not in inspect.signature(om.fit).parameters:
+        return None
+    data = _data(STEPS)
+    x = np.concatenate([b["x"] for b in data])
+    y = np.concatenate([b["y"] for b in data])
+    train, test = Split(x=x, y=y), Split(x=x[:BATCH], y=y[:BATCH])
+    model, make_tx, _ = CASES["wus"]
+    kw = dict(epochs=2, batch_size=BATCH, seed=0, extra_args_fn=_accuracy)
+    tx = make_tx(None)
+    one = om.fit(model, tx, train, test, **kw)
+    many = om.fit(model, tx, train, test, mesh=mesh, **kw)
+    return {
+        "max_param_diff": _max_diff(jax.device_get(one.params), jax.device_get(many.params)),
+        "masks_1": sorted(one.masks),
+        "masks_8": sorted(many.masks),
+        "compiles_1": one.num_compiles,
+        "compiles_8": many.num_compiles,
+        "param_devices_8": sorted(
+            {len(x.sharding.device_set) for x in jax.tree.leaves(many.params)}
+        ),
+    }
+
+
 def main(argv: list[str]) -> None:
     if jax.device_count() != NUM_DEVICES:
         raise SystemExit(
@@ -320,8 +383,12 @@ def main(argv: list[str]) -> None:
             "param_devices_8": many["param_devices"],
             "batch_devices_8": many["batch_devices"],
             "param_shardings_8": many["shardings"],
+            "opt_state_shardings_8": many["opt_state_shardings"],
             "grows": "grow" in CASES[name][2],
+            "checkpoint_8": many["checkpoint"],
         }
+    if not argv:
+        out["fit"] = fit_case(mesh)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

@@ -92,11 +92,13 @@ def test_runs_really_are_data_parallel(report):
         assert c["param_devices_1"] == [1], name
         assert c["param_devices_8"] == [DEVICES], name
         assert c["batch_devices_8"] == DEVICES, name
-    sharded = report["cases"]["multirate_sgd_sharded_params"]["param_shardings_8"]
-    assert any("'data'" in s for s in sharded), sharded  # Conv_1's kernel stayed split
+    sharded = report["cases"]["multirate_sgd_sharded_params"]
+    for key in ("param_shardings_8", "opt_state_shardings_8"):  # Conv_1's kernel and its
+        assert any("'data'" in s for s in sharded[key]), sharded[key]  # momentum stay split
     for name, c in report["cases"].items():
         if name != "multirate_sgd_sharded_params":
-            assert all("'data'" not in s for s in c["param_shardings_8"]), name  # replicated
+            for key in ("param_shardings_8", "opt_state_shardings_8"):  # replicated
+                assert all("'data'" not in s for s in c[key]), (name, c[key])
 
 
 def test_params_and_state_equal_one_device(report):
@@ -117,6 +119,13 @@ def test_same_phases_step_by_step(report):
         assert len(set(masks)) == 2 and any("0" in m for m in masks), (name, masks)
 
 
+def test_checkpoint_on_the_mesh_restores_bitwise_with_its_shardings(report):
+    for name, c in report["cases"].items():
+        if c["grows"]:  # the restore target has the stage-0 shapes
+            continue
+        assert c["checkpoint_8"] == {"bitwise": True, "shardings_kept": True}, name
+
+
 def test_one_compile_per_mask(report):
     for name, c in report["cases"].items():
         # host dispatch compiles each distinct mask once (per grown stage), however many steps
@@ -124,6 +133,16 @@ def test_one_compile_per_mask(report):
         assert c["compiles_8"] == c["distinct_masks_8"] == c["compiles_1"], name
         assert c["backend_compiles_8"] == c["compiles_8"], name  # nothing else compiled
         assert c["compiles_1"] < len(c["masks_1"]), name
+
+
+def test_fit_with_a_mesh_equals_one_device(report):
+    c = report.get("fit")
+    if c is None:
+        pytest.skip("optax_multirate.train.fit takes no mesh= argument (yet)")
+    assert c["max_param_diff"] <= TOL, c
+    assert c["masks_8"] == c["masks_1"] and len(c["masks_1"]) == 2, c  # a WUS window ran
+    assert c["compiles_8"] == c["compiles_1"] == 2, c
+    assert c["param_devices_8"] == [DEVICES], c
 
 
 # ------------------------------------------------------------------- helpers, in this process
