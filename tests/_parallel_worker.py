@@ -4,19 +4,21 @@ Run in a subprocess whose environment already holds
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before jax is imported, so the
 parent test process keeps its single device). For every case (one per public transformation
 of ``optax_multirate.TRANSFORMATIONS``, plus one with params sharded where a user asks), it
-trains a tiny CNN for several steps that cross phase changes twice from the same init and
+trains a tiny CNN for several steps that cross phase changes, twice, from the same init and
 the same batches:
 
-* on one device (plain arrays, the single-device train step), and
+* on one device (plain arrays), and
 * on ``parallel.data_mesh()`` of all 8 devices, the batch sharded over them
   (``parallel.shard_batch``), params, model state and optimizer state replicated
-  (``parallel.replicate``),
+  (``parallel.place``),
 
 with the library's own host-dispatch train step (``make_train_step`` / ``PhasedStep``), and
 prints one JSON object: per case the largest absolute difference of params, optimizer state
 and model state (batch statistics), the masks each run used, step by step, the number of
-step programs compiled and of XLA backend compiles seen during the steps, and the devices
-the params and batch lived on.
+step programs compiled and of XLA backend compiles seen during the steps, the devices and
+partition specs of the state, and whether an orbax checkpoint of the 8-device state restores
+bitwise with its shardings. With no case named it also compares ``train.fit(..., mesh=)``
+with ``fit`` on one device, when ``fit`` takes a mesh.
 
 Usage: ``python tests/_parallel_worker.py [CASE ...]`` (default: every case).
 """
@@ -105,31 +107,31 @@ def _subgroups_step(model: CNN, tx: optax.GradientTransformation) -> om.PhasedSt
     return om.PhasedStep(loss_fn, tx, has_aux=True)
 
 
-# name -> (model, tx factory taking params, extras). ``extras``: "value" passes the batch
+# name -> (model, tx factory, extras). ``extras``: "value" passes the batch
 # accuracy as ``value=``; "subgroups" uses the masked forward pass; "grow" grows the widths
 # (4, 8) -> (8, 12) after half the steps; "shard" shards Conv_1's kernel over the devices
 # (``parallel.param_shardings``) and feeds the batch as hosts do (``shard_local_batch``).
-CASES: dict[str, tuple[CNN, Callable[[Any], optax.GradientTransformation], tuple[str, ...]]] = {
+CASES: dict[str, tuple[CNN, Callable[[], optax.GradientTransformation], tuple[str, ...]]] = {
     "freeze_schedule": (
         _cnn(batch_norm=True),
-        lambda p: om.freeze_schedule(optax.sgd(LR, momentum=0.9), _head_body(p), {"body": (0, 3)}),
+        lambda: om.freeze_schedule(optax.sgd(LR, momentum=0.9), _head_body, {"body": (0, 3)}),
         (),
     ),
     "multirate": (
         _cnn(),
-        lambda p: om.multirate(optax.sgd(LR, momentum=0.9), optax.adam(1e-3), 3, _fast_slow),
+        lambda: om.multirate(optax.sgd(LR, momentum=0.9), optax.adam(1e-3), 3, _fast_slow),
         (),
     ),
-    "multirate_sgd": (_cnn(batch_norm=True), lambda p: om.multirate_sgd(LR, 3, _fast_slow), ()),
+    "multirate_sgd": (_cnn(batch_norm=True), lambda: om.multirate_sgd(LR, 3, _fast_slow), ()),
     "multirate_subgroups": (
         _cnn(),
-        lambda p: om.multirate_subgroups(LR, 2, 0.5, seed=0, momentum=0.9),
+        lambda: om.multirate_subgroups(LR, 2, 0.5, seed=0, momentum=0.9),
         ("subgroups",),
     ),
-    "multirate_timescales": (_cnn(), lambda p: om.multirate_timescales(LR, (1, 2)), ()),
+    "multirate_timescales": (_cnn(), lambda: om.multirate_timescales(LR, (1, 2)), ()),
     "wus": (
         _cnn(),
-        lambda p: om.wus(
+        lambda: om.wus(
             optax.sgd(LR, momentum=0.9),
             om.wus_labels,
             threshold=0.0,
@@ -141,28 +143,28 @@ CASES: dict[str, tuple[CNN, Callable[[Any], optax.GradientTransformation], tuple
     ),
     "scale_by_lerac": (
         _cnn(batch_norm=True),
-        lambda p: optax.chain(optax.sgd(LR, momentum=0.9), om.scale_by_lerac(_depths, k=4)),
+        lambda: optax.chain(optax.sgd(LR, momentum=0.9), om.scale_by_lerac(_depths, k=4)),
         (),
     ),
-    "lerac": (_cnn(), lambda p: om.lerac(optax.adam(1e-3), _depths, k=4), ()),
+    "lerac": (_cnn(), lambda: om.lerac(optax.adam(1e-3), _depths, k=4), ()),
     "two_regimes": (
         _cnn(batch_norm=True),
-        lambda p: om.two_regimes(optax.sgd(LR, momentum=0.9), optax.adam(1e-3), switch_step=3),
+        lambda: om.two_regimes(optax.sgd(LR, momentum=0.9), optax.adam(1e-3), switch_step=3),
         (),
     ),
     "two_regimes_sgd": (
         _cnn(),
-        lambda p: om.two_regimes_sgd(LR, total_steps=STEPS, large_fraction=0.5),
+        lambda: om.two_regimes_sgd(LR, total_steps=STEPS, large_fraction=0.5),
         (),
     ),
     "growth_lr_adaptation": (
         _cnn((4, 8), batch_norm=True),
-        lambda p: optax.chain(optax.sgd(LR, momentum=0.9), om.growth_lr_adaptation(2)),
+        lambda: optax.chain(optax.sgd(LR, momentum=0.9), om.growth_lr_adaptation(2)),
         ("grow",),
     ),
     "multirate_sgd_sharded_params": (
         _cnn(),
-        lambda p: om.multirate_sgd(LR, 3, _fast_slow),
+        lambda: om.multirate_sgd(LR, 3, _fast_slow),
         ("shard",),
     ),
 }
@@ -192,26 +194,18 @@ class _CompileCounter:
 COUNTER = _CompileCounter()
 
 
-def _place(tree: Any, mesh: jax.sharding.Mesh | None, shardings: Any = None) -> Any:
-    if mesh is None:
-        return tree
-    if shardings is not None:
-        return jax.device_put(tree, shardings)
-    return parallel.replicate(tree, mesh)
-
-
 def run(name: str, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
     """Trains case ``name`` for ``STEPS`` steps on ``mesh`` (None: one device)."""
     model, make_tx, extras = CASES[name]
     data = _data(STEPS)
     params, model_state = _init(model)
-    tx = make_tx(params)
-    shardings = None
-    if mesh is not None and "shard" in extras:
-        spec = PartitionSpec(None, None, None, parallel.DATA_AXIS)  # split output channels
-        shardings = parallel.param_shardings(params, mesh, {"^Conv_1/kernel$": spec})
-    params = _place(params, mesh, shardings)
-    model_state = _place(model_state, mesh)
+    tx = make_tx()
+    if mesh is not None:  # place, init, place: user shardings kept, moments follow them
+        if "shard" in extras:
+            spec = PartitionSpec(None, None, None, parallel.DATA_AXIS)  # output channels
+            shardings = parallel.param_shardings(params, mesh, {"^Conv_1/kernel$": spec})
+            params = jax.device_put(params, shardings)
+        params, model_state = parallel.place((params, model_state), mesh)
     # Moments made by zeros_like keep the params' shardings; place replicates the rest.
     opt_state = tx.init(params)
     opt_state = parallel.place(opt_state, mesh) if mesh is not None else opt_state
@@ -309,7 +303,8 @@ def _grow(model, tx, params, model_state, opt_state, mesh):
         num_stages=2,
     )
     params = variables.pop("params")
-    return nxt, tuple(_place(t, mesh) for t in (params, variables, opt_state))
+    state = (params, variables, opt_state)
+    return nxt, state if mesh is None else parallel.place(state, mesh)
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -338,7 +333,7 @@ def fit_case(mesh: jax.sharding.Mesh) -> dict[str, Any] | None:
     train, test = Split(x=x, y=y), Split(x=x[:BATCH], y=y[:BATCH])
     model, make_tx, _ = CASES["wus"]
     kw = dict(epochs=2, batch_size=BATCH, seed=0, extra_args_fn=_accuracy)
-    tx = make_tx(None)
+    tx = make_tx()
     one = om.fit(model, tx, train, test, **kw)
     many = om.fit(model, tx, train, test, mesh=mesh, **kw)
     return {
