@@ -2,20 +2,21 @@
 
 The reproduction plan of ``shared/spec/lerac.md`` §3 at CPU scale. Data: scikit-learn digits
 (train split cut 75/25 into train/validation, i.e. 60/20/20 overall with the test split),
-mnist1d and the 5,000-digit MNIST subset (10% of train held out for validation). Models: an MLP
-with 4 Dense layers (depths 0..3, the head is depth 3) on digits and mnist1d, a
-Conv-Conv-Dense-Dense CNN on MNIST. Base: SGD with momentum 0.9, coupled weight decay 5e-4,
-cosine decay from 0.05, batch 64. LeRaC: ``r = (1, 1e-1, 1e-2, 1e-3)`` placed last in the chain,
-``k`` = 5 epochs of steps (paper mode).
+mnist1d and the 5,000-digit MNIST subset (10% of train held out for validation). Models: an
+MLP with 4 Dense layers (depths 0..3, the head is depth 3) on digits and mnist1d, a
+Conv-Conv-Dense-Dense CNN (:class:`ConvNet`) on MNIST. Base: SGD with momentum 0.9, coupled
+weight decay 5e-4, cosine decay from 0.05, batch 64. LeRaC: ``r = (1, 1e-1, 1e-2, 1e-3)``
+placed last in the chain, ``k`` = 5 epochs of steps (paper mode).
 
-Arms (same init, batch order and epochs per seed): ``sgd`` (baseline) and ``lerac`` on every set
-(the primary comparison); on the MLP sets also ``lerac_staircase`` (the authors' code form: x10
-once per epoch, all units at the base rate after 3 epochs), ``adam`` and ``adam_lerac`` (LeRaC
-placed after Adam), the ablations ``reversed`` (deep units fast) and ``uniform_warmup`` (every
-unit starts at 10^-1.5 and grows like LeRaC) and the sanity arm ``lerac_k0`` (must equal the
-baseline bit for bit). The MLP seeds run at once under ``jax.vmap``, each epoch one
-``lax.scan``; the CNN runs seed-major, one seed at a time. The step-time ratio comes from
-separately timed single steps, baseline and LeRaC interleaved step by step.
+Arms (same init, batch order and epochs per seed): ``sgd`` (baseline) and ``lerac`` on every
+set (the primary comparison); on the MLP sets also ``lerac_staircase`` (the authors' code form:
+x10 once per epoch, all units at the base rate after 3 epochs), ``adam`` and ``adam_lerac``
+(LeRaC placed after Adam), the ablations ``reversed`` (deep units fast) and ``uniform_warmup``
+(every unit starts at 10^-1.5 and grows like LeRaC) and the sanity arm ``lerac_k0`` (must equal
+the baseline bit for bit). The MLP seeds run at once under ``jax.vmap``, each epoch one
+``lax.scan``. The CNN runs seed-major, and within a seed the two arms step in lockstep (SGD
+step t, LeRaC step t, ...), each step timed: the step-time ratio is the ratio of the medians
+of those steps. An MLP step-time ratio is measured the same way on separately timed steps.
 
 Run: ``python -m benchmarks.lerac`` (full) or ``--quick``.
 """
@@ -37,7 +38,7 @@ import optax
 from benchmarks import harness
 from optax_multirate.data import Split, epoch_arrays, load_dataset, num_batches, validation_split
 from optax_multirate.lerac import LeracState, lerac, lerac_depth_labels
-from optax_multirate.models import CNN, MLP
+from optax_multirate.models import MLP
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ SCALES = (1.0, 1e-1, 1e-2, 1e-3)
 K_EPOCHS = 5
 MLP_FEATURES = (128, 128, 128)
 CNN_FEATURES = (8, 16)
-CNN_DENSE = (32,)
-FULL = {"mlp_seeds": 20, "cnn_seeds": 5, "mlp_epochs": 30, "cnn_epochs": 10}
+CNN_DENSE = 64
+FULL = {"mlp_seeds": 12, "cnn_seeds": 5, "mlp_epochs": 30, "cnn_epochs": 12}
 QUICK = {"mlp_seeds": 2, "cnn_seeds": 1, "mlp_epochs": 2, "cnn_epochs": 1}
 QUICK_EXAMPLES = 512
 VAL_FRACTION = {"digits": 0.25, "mnist1d": 0.1, "mnist_subset": 0.1}
@@ -71,6 +72,32 @@ CLAIM = (
     "no figure is quoted). Our goal (issue 7): the paired 95% interval of LeRaC - SGD above 0 "
     "on at least 2 of the 3 sets, and a step-time ratio <= 1.02."
 )
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ConvNet(nn.Module):
+    """The spec's Conv-Conv-Dense-Dense CNN: 3x3 convs each followed by a 2x2 max-pool, flatten,
+    a hidden Dense layer, the head (4 depths).
+
+    ``models.CNN`` ends in global average pooling; at the width two CPU cores allow (8 and 16
+    channels) it reached only 55% test accuracy on the MNIST subset in 10 epochs (the first
+    full run of this benchmark, in git history), so this benchmark flattens instead.
+    """
+
+    features: Sequence[int] = CNN_FEATURES
+    dense: int = CNN_DENSE
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+        del train
+        for i, c in enumerate(self.features):
+            x = nn.relu(nn.Conv(c, (3, 3), padding="SAME", name=f"Conv_{i}")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(self.dense, name="Dense_0")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(self.num_classes, name="head")(x)
 
 
 # --------------------------------------------------------------------------- arms
@@ -337,7 +364,7 @@ def _subset(split: Split, n: int) -> Split:
 
 def _model(name: str, num_classes: int) -> nn.Module:
     if name == "mnist_subset":
-        return CNN(features=CNN_FEATURES, dense=CNN_DENSE, num_classes=num_classes)
+        return ConvNet(num_classes=num_classes)
     return MLP(features=MLP_FEATURES, num_classes=num_classes)
 
 
@@ -597,7 +624,8 @@ def make_plot(infos: Mapping[str, Any], epochs: dict) -> Callable[[Any], None]:
             ax.set_title(f"{ds} ({inf['model']}, {t.shape[0]} seed{'s' if t.shape[0] > 1 else ''})")
             start = t.shape[1] // 5  # leave the first epochs off the scale
             lo = min(100 * r["test"].mean(0)[start:].min() for r in inf["raw"].values())
-            ax.set_ylim(max(lo - 1, 0), None)
+            hi = max(100 * r["test"].mean(0).max() for r in inf["raw"].values())
+            ax.set_ylim(max(lo - 1, 0), min(hi + 0.5, 100))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
 
@@ -682,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for ds, info in infos.items()
         },  # fmt: skip
         "mlp": f"MLP(features={MLP_FEATURES}) + head: 4 Dense depths",
-        "cnn": f"CNN(features={CNN_FEATURES}, dense={CNN_DENSE}, pool after each conv) + head",
+        "cnn": f"ConvNet: Conv({CNN_FEATURES[0]})-pool-Conv({CNN_FEATURES[1]})-pool-flatten-"
+        f"Dense({CNN_DENSE})-head, 4 depths",
         "base": f"chain(add_decayed_weights({WEIGHT_DECAY}), sgd(cosine({LEARNING_RATE}), "
         f"momentum={MOMENTUM}))",
         "adam": f"adam(cosine({ADAM_LR}))",
