@@ -375,25 +375,21 @@ def _graph(params: dict) -> list[_Layer]:
                 )
             cur = out
         known = {"stem", "stem_bn", "head", *blocks}
-    else:  # MLP / CNN: Conv_i, then Dense_i, then head
-        convs = sorted(
-            (n for n in names if _num(n, "Conv") is not None), key=lambda n: _num(n, "Conv")
-        )
-        dense = sorted(
-            (n for n in names if _num(n, "Dense") is not None), key=lambda n: _num(n, "Dense")
-        )
-        bn_owner = convs if convs else dense
+    else:  # MLP / CNN: Conv_i, then Dense_i, then head; BatchNorm_i follows Conv_i (CNN)
+        # or Dense_i (MLP)
+
+        def numbered(prefix: str) -> list[str]:
+            return sorted((n for n in names if _num(n, prefix) is not None),
+                          key=lambda n: _num(n, prefix))  # fmt: skip
+
+        convs, dense = numbered("Conv"), numbered("Dense")
+        bns = {n: "BatchNorm_" + n.rsplit("_", 1)[1] for n in (convs or dense)}
         cur = "in"
         for i, name in enumerate(convs + dense):
-            bn = f"BatchNorm_{_num(name, name.split('_')[0])}" if name in bn_owner else None
+            bn = bns.get(name)
             layers.append(_Layer((name,), cur, f"s{i}", (bn,) if bn in names else None))
             cur = f"s{i}"
-        known = {
-            "head",
-            *convs,
-            *dense,
-            *(f"BatchNorm_{_num(n, n.split('_')[0])}" for n in bn_owner),
-        }
+        known = {"head", *convs, *dense, *bns.values()}
     if "head" not in names:
         raise ValueError(
             "variables: no 'head' layer; grow needs the naming contract of optax_multirate.models"
@@ -899,21 +895,22 @@ def fit_grown(
     compiles, steps, times, flops = [], [], [], []
     train_time = compile_time = 0.0
     epoch = global_step = 0
+    models = [model] + [model_fn(w) for w in schedule.widths[1:]]
+    shapes = [  # the plan: each stage's variable shapes, traced once before training
+        jax.eval_shape(functools.partial(m.init, train=False), jax.random.PRNGKey(0), probe[:1])
+        for m in models
+    ]
     for stage, stage_epochs in enumerate(schedule.epochs):
         if stage:
             before = _eval_logits(model, {"params": params, **model_state}, probe)
             t0 = time.perf_counter()
-            nxt = model_fn(schedule.widths[stage])
-            shapes = jax.eval_shape(
-                functools.partial(nxt.init, train=False), jax.random.PRNGKey(0), probe[:1]
-            )
             variables, opt_state = grow(
                 {"params": params, **model_state}, opt_state, stage - 1,
-                key=jax.random.fold_in(key, stage), next_shapes=shapes, optimizer=tx,
+                key=jax.random.fold_in(key, stage), next_shapes=shapes[stage], optimizer=tx,
                 num_stages=schedule.num_stages, **grow_kwargs,
             )  # fmt: skip
             params = variables.pop("params")
-            model_state, model = variables, nxt
+            model_state, model = variables, models[stage]
             jax.block_until_ready((params, opt_state))
             grow_time = time.perf_counter() - t0
             train_time += grow_time
