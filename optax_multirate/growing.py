@@ -128,14 +128,12 @@ class GrowthSchedule:
         p_t = self.p_c if self.p_t is None else self.p_t
         if not (isinstance(p_t, (int, float)) and p_t >= 0):
             raise ValueError(f"p_t must be >= 0, got {self.p_t!r}")
-        steps = 0
-        while self.m0 * (1 + self.p_c) ** steps < 1 - 1e-12:
-            steps += 1
+        steps = max(0, math.ceil(math.log(1 / self.m0) / math.log1p(self.p_c) - 1e-9))
         widths = []
         for c in fw:
             w = max(1, _half_up(c * self.m0))
-            if self.even and (c - w) % 2:
-                w += 1 if w < c else -1
+            if self.even and (c - w) % 2:  # then w < c: start with the final width's parity
+                w += 1
             col = [w]
             for t in range(1, steps):
                 inc = max(0, math.ceil(c * min(1.0, self.m0 * (1 + self.p_c) ** t) - w - 1e-9))
