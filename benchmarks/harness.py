@@ -321,6 +321,7 @@ def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> 
     tmp_path = pathlib.Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; results are for everyone
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> str:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".overview.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     log.info("wrote %s", out)
     return text
