@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -43,9 +44,9 @@ import optax
 
 import optax_multirate as om
 from benchmarks import harness
-from optax_multirate.data import Split, load_dataset, num_batches
+from optax_multirate.data import Split, batches, load_dataset, num_batches
 from optax_multirate.models import CNN
-from optax_multirate.train import fit, init_model, make_train_step
+from optax_multirate.train import evaluate, init_model, make_train_step
 from optax_multirate.wus import wus, wus_labels
 
 logger = logging.getLogger(__name__)
@@ -194,16 +195,112 @@ def _keep_costs(model, train: Split, reps: int) -> dict[str, Any]:
     }
 
 
+class _Arm:
+    """One run (an arm on a seed) of the train step, advanced one epoch at a time.
+
+    The loop is ``train.fit``'s (same step program, batches, keys and timing rules: every
+    step ends with ``jax.block_until_ready``, a step that compiled is neither timed nor
+    counted, evaluation is outside the train time), cut at epochs so that arms can take turns.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        extra_fn: Any,
+        params: Any,
+        model_state: Any,
+        seed: int,
+        spe: int,
+        force: tuple[int, ...] | None = None,
+    ):
+        self.model, self.seed, self.spe, self.force = model, seed, spe, force
+        self.step = make_train_step(model, tx, extra_args_fn=extra_fn)
+        self.params, self.model_state, self.opt_state = params, model_state, tx.init(params)
+        self.train_time = 0.0
+        self.history: list[dict[str, float]] = []
+        self.step_ms: dict[str, list[float]] = {"full": [], "window": []}
+        self.skipped: list[int] = []
+
+    def epoch(self, e: int, train: Split, test: Split) -> None:
+        keys = np.asarray(
+            jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self.seed), e), self.spe)
+        )
+        metrics = []
+        for i, batch in enumerate(batches(train, BATCH_SIZE, seed=self.seed, epoch=e)):
+            compiled = self.step.phased.compile_time_s
+            t0 = time.perf_counter()
+            out = self.step(self.params, self.opt_state, self.model_state, batch, keys[i])
+            jax.block_until_ready(out)
+            compiled = self.step.phased.compile_time_s - compiled
+            dt = time.perf_counter() - t0 - compiled
+            self.params, self.opt_state, self.model_state, m = out
+            self.train_time += dt
+            if compiled == 0.0:
+                kind = "full" if all(self.step.phased.last_mask) else "window"
+                self.step_ms[kind].append(1e3 * dt)
+            metrics.append(m)
+        got = jax.device_get(metrics)
+        ev = evaluate(self.model, self.params, self.model_state, test)
+        self.history.append(
+            {
+                "epoch": e + 1,
+                "step": (e + 1) * self.spe,
+                "train_time_s": self.train_time,
+                "train_loss": float(np.mean([g["loss"] for g in got])),
+                "train_accuracy": float(np.mean([g["accuracy"] for g in got])),
+                "test_loss": ev["loss"],
+                "test_accuracy": ev["accuracy"],
+            }
+        )
+        skipped = getattr(self.opt_state, "skipped_steps", None)
+        self.skipped.append(0 if skipped is None else int(skipped))
+
+    def result(self) -> dict[str, Any]:
+        st, steps = self.opt_state, len(self.history) * self.spe
+        per_epoch = np.diff([0, *self.skipped]).tolist()
+        skipped = self.skipped[-1] if self.skipped else 0
+        return {
+            "final_accuracy": self.history[-1]["test_accuracy"],
+            "train_time_s": self.train_time,
+            "compile_time_s": self.step.phased.compile_time_s,
+            "steps": steps,
+            "skipped_steps": skipped,
+            "skipped_fraction": skipped / max(steps, 1),
+            "windows": int(getattr(st, "windows", 0)),
+            "window_epochs": [int(n == self.spe) for n in per_epoch],
+            "force_windows": self.force,
+            "lr_scale": float(getattr(st, "lr_scale", 1.0)),
+            "full_step_ms": self.step_ms["full"],
+            "window_step_ms": self.step_ms["window"],
+            "median_full_step_ms": harness.median_ms(self.step_ms["full"]),
+            "median_window_step_ms": harness.median_ms(self.step_ms["window"]),
+            "history": self.history,
+        }
+
+
+def _lockstep(arms: dict[str, _Arm], epochs: int, train: Split, test: Split) -> None:
+    """Advances every arm one epoch in turn (order rotated each epoch)."""
+    names = list(arms)
+    for e in range(epochs):
+        k = e % len(names)
+        for name in names[k:] + names[:k]:
+            arms[name].epoch(e, train, test)
+
+
 def _arm_stats(runs: list[dict], arm: str, model: str) -> list[dict]:
     return [r for r in runs if r["arm"] == f"{model}/{arm}"]
 
 
 def _summarize(runs: list[dict], model: str) -> dict[str, Any]:
-    base = {r["seed"]: r for r in _arm_stats(runs, "baseline", model)}
+    base_a = {r["seed"]: r for r in _arm_stats(runs, "baseline", model)}
+    base_b = {r["seed"]: r for r in _arm_stats(runs, "baseline_b", model)}
     out: dict[str, Any] = {}
-    arms = [a for a in ("wus", "wuslr", "random", "wus_head") if _arm_stats(runs, a, model)]
-    for arm in arms:
+    arms = ["wus", "wuslr", "random", "wus_head", "baseline_b"]
+    for arm in [a for a in arms if _arm_stats(runs, a, model)]:
         rs = _arm_stats(runs, arm, model)
+        # Each arm against the baseline run beside it (pass 2's for the random control).
+        base = base_b if arm == "random" else base_a
         seeds = [r["seed"] for r in rs]
         b_time = [base[s]["train_time_s"] for s in seeds]
         b_acc = [base[s]["final_accuracy"] for s in seeds]
@@ -245,9 +342,9 @@ def _summarize(runs: list[dict], model: str) -> dict[str, Any]:
             ),
         }
     out["baseline"] = {
-        "accuracy": harness.mean_std([r["final_accuracy"] for r in base.values()]),
-        "train_time_s": statistics.fmean(r["train_time_s"] for r in base.values()),
-        "step_ms": harness.median_ms([m for r in base.values() for m in r["full_step_ms"]]),
+        "accuracy": harness.mean_std([r["final_accuracy"] for r in base_a.values()]),
+        "train_time_s": statistics.fmean(r["train_time_s"] for r in base_a.values()),
+        "step_ms": harness.median_ms([m for r in base_a.values() for m in r["full_step_ms"]]),
     }
     return out
 
@@ -263,7 +360,7 @@ def _plot(runs: list[dict], models: list[str]):
             ax = fig.add_subplot(1, len(models), i + 1)
             for r in runs:
                 name, arm = r["arm"].split("/")
-                if name != model or r["seed"] != 0:
+                if name != model or r["seed"] != 0 or arm == "baseline_b":
                     continue
                 t = [h["train_time_s"] for h in r["history"]]
                 acc = [h["test_accuracy"] for h in r["history"]]
@@ -331,76 +428,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
     defaults = dict(threshold=0.005, window=2, warmup=3)  # the spec's defaults, never tuned
     wus_skipped: dict[tuple[str, int], int] = {}
 
-    def run(model_name: str, arm: str, seed: int) -> dict:
+    def make_arm(model_name: str, arm: str, seed: int) -> _Arm:
         model = models[model_name]
         params, model_state = init_model(model, jax.random.PRNGKey(seed), train.x[:1])
         labels = wus_labels(params)
+        if arm in ("baseline", "baseline_b"):
+            return _Arm(model, inner, None, params, model_state, seed, spe)
+        kw: dict[str, Any] = dict(defaults, accumulation_size=spe)
+        if arm == "wuslr":
+            kw["lr_factor"] = LR_FACTOR
+        if arm == "wus_head":
+            labels = om.rule_labels(params, {"head": "^head/"}, default="weight")
+            kw["keep"] = "head"
         force = None
-        if arm == "baseline":
-            tx, extra_fn = inner, None
-        else:
-            kw: dict[str, Any] = dict(defaults, accumulation_size=spe)
-            if arm == "wuslr":
-                kw["lr_factor"] = LR_FACTOR
-            if arm == "wus_head":
-                labels = om.rule_labels(params, {"head": "^head/"}, default="weight")
-                kw["keep"] = "head"
-            if arm == "random":
-                rng = np.random.default_rng(1000 + seed)
-                force = _random_windows(
-                    rng, wus_skipped[(model_name, seed)], kw["window"], kw["warmup"], epochs
-                )
-                kw.update(threshold=0.0, force_windows=force)
-            tx, extra_fn = wus(inner, labels, **kw), _value
-        skipped_by_epoch: list[int] = []
+        if arm == "random":
+            rng = np.random.default_rng(1000 + seed)
+            skipped = wus_skipped[(model_name, seed)]
+            force = _random_windows(rng, skipped, kw["window"], kw["warmup"], epochs)
+            kw.update(threshold=0.0, force_windows=force)
+        return _Arm(model, wus(inner, labels, **kw), _value, params, model_state, seed, spe, force)
 
-        def on_epoch_end(epoch: int, res: Any) -> None:
-            s = getattr(res.opt_state, "skipped_steps", None)
-            skipped_by_epoch.append(0 if s is None else int(s))
-
-        res = fit(
-            model, tx, train, test, epochs=epochs, batch_size=BATCH_SIZE, seed=seed,
-            params=params, model_state=model_state, extra_args_fn=extra_fn,
-            on_epoch_end=on_epoch_end, desc=f"{model_name}/{arm} seed {seed}",
-        )  # fmt: skip
-        per_epoch = np.diff([0, *skipped_by_epoch]).tolist()
-        skipped = int(skipped_by_epoch[-1]) if skipped_by_epoch else 0
-        if arm == "wus":
-            wus_skipped[(model_name, seed)] = skipped // spe
-        window_ms = [m for k, v in res.step_times_ms.items() if k != "full" for m in v]
-        st = res.opt_state
-        return {
-            "final_accuracy": res.final_accuracy,
-            "train_time_s": res.train_time_s,
-            "compile_time_s": res.compile_time_s,
-            "steps": res.steps,
-            "skipped_steps": skipped,
-            "skipped_fraction": skipped / max(res.steps, 1),
-            "windows": int(getattr(st, "windows", 0)),
-            "window_epochs": [int(n == spe) for n in per_epoch],
-            "force_windows": force,
-            "lr_scale": float(getattr(st, "lr_scale", 1.0)),
-            "full_step_ms": res.step_times_ms.get("full", []),
-            "window_step_ms": window_ms,
-            "median_full_step_ms": harness.median_ms(res.step_times_ms.get("full", [])),
-            "median_window_step_ms": harness.median_ms(window_ms),
-            "history": res.history,
-        }
-
-    arms: dict[str, Any] = {}
-    for model_name in models:
-        names = ["baseline", "wus", "wuslr", "random"] + (
-            ["wus_head"] if model_name == "cnn" else []
-        )
-        for arm in names:
-            arms[f"{model_name}/{arm}"] = lambda seed, m=model_name, a=arm: run(m, a, seed)
     t0 = time.perf_counter()
+    load = {"before": os.getloadavg()}
     costs = {name: _keep_costs(m, train, 5 if args.quick else 30) for name, m in models.items()}
     if not args.quick:  # the library's max-pool CNN, for comparison (why it is not used)
         maxpool = CNN(features=(32, 64), num_classes=data.num_classes)
         costs["maxpool_cnn"] = _keep_costs(maxpool, train, 10)
-    runs = harness.interleave(arms, seeds)
+    runs: list[dict] = []
+    for seed in seeds:
+        for model_name in models:
+            # Pass 1: the baseline and the monitor-driven arms, advanced epoch by epoch in
+            # turn, so a burst of load from other processes hits every arm alike.
+            first = ["baseline", "wus", "wuslr"] + (["wus_head"] if model_name == "cnn" else [])
+            # Pass 2: the random-window control (it needs the wus run's skip count) beside a
+            # repeat of the baseline, its time reference and an A/A check of the timing.
+            for names in (first, ["baseline_b", "random"]):
+                logger.info("seed %d, %s: %s", seed, model_name, ", ".join(names))
+                arms = {a: make_arm(model_name, a, seed) for a in names}
+                _lockstep(arms, epochs, train, test)
+                for a, run in arms.items():
+                    out = run.result()
+                    if a == "wus":
+                        wus_skipped[(model_name, seed)] = out["skipped_steps"] // spe
+                    runs.append({"arm": f"{model_name}/{a}", "seed": seed, **out})
     wall = time.perf_counter() - t0
+    load["after"] = os.getloadavg()
     stats = {name: _summarize(runs, name) for name in models}
 
     summary: dict[str, Any] = {}
@@ -436,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "maxpool_cnn" in costs:
         mp = costs["maxpool_cnn"]["time_ratio"]["bias_only"]
         summary["maxpool_cnn_bias_only_program_time_ratio"] = mp
+    summary["baseline_repeat_time_ratio"] = stats["cnn"]["baseline_b"]["time_ratio"]
     summary["goal_reached"] = bool(
         summary["time_ratio"] <= 0.9
         and summary["predicted_time_ratio"] is not None
@@ -460,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "steps_per_epoch": spe,
         "seeds": seeds,
         "tta_tolerance_pt": TTA_TOLERANCE_PT,
+        "schedule": "per seed and model: pass 1 = baseline, wus, wuslr (, wus_head) and pass 2 = "
+        "baseline_b, random, each pass advancing its arms one epoch at a time in turn",
+        "load_average": load,
         "step_costs": costs,
     }
     for r in runs:  # keep the JSON readable: medians stay, raw step times go
@@ -487,7 +563,7 @@ def _table(stats: dict, costs: dict, epochs: int, spe: int, summary: dict) -> st
             f"| {name} | baseline | {b['accuracy'][0]:.4f} ± {b['accuracy'][1]:.4f} | | 1 | 1 | 0 "
             f"| 0 | | | |"
         )
-        for arm in ("wus", "wuslr", "random", "wus_head"):
+        for arm in ("wus", "wuslr", "wus_head", "baseline_b", "random"):
             if arm not in s:
                 continue
             a = s[arm]
@@ -517,8 +593,13 @@ def _table(stats: dict, costs: dict, epochs: int, spe: int, summary: dict) -> st
             )
     lines += [
         "",
-        f"{epochs} epochs of {spe} steps, batch {BATCH_SIZE}; time ratios are mean train time "
-        "(compile and evaluation excluded) over the baseline's, same seeds; time to accuracy: "
+        f"{epochs} epochs of {spe} steps, batch {BATCH_SIZE}. Schedule, per seed and model: "
+        "pass 1 runs baseline, wus, wuslr (and wus_head) and pass 2 runs baseline_b (the "
+        "baseline again) and random, each pass advancing its arms one epoch at a time in turn, "
+        "so load from other processes on this shared machine hits the arms of a pass alike. "
+        "Time ratios are mean train time (compile and evaluation excluded) over the mean of the "
+        "baseline run of the same pass (random: over baseline_b; baseline_b: over baseline, an "
+        "A/A check of the timing across passes), same seeds; time to accuracy: "
         f"to the baseline's final accuracy minus {TTA_TOLERANCE_PT} pt (mean over the seeds "
         "where both reach it). Predicted time ratio: `1 - f (1 - rho)` with `f` the skipped "
         "fraction and `rho` the measured window/full step time ratio of the same runs. "
