@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     load = {"before": os.getloadavg()}
-    costs = {name: _keep_costs(m, train, 5 if args.quick else 30) for name, m in models.items()}
+    costs = {name: _keep_costs(m, train, 5 if args.quick else 60) for name, m in models.items()}
     if not args.quick:  # the library's max-pool CNN, for comparison (why it is not used)
         maxpool = CNN(features=(32, 64), num_classes=data.num_classes)
         costs["maxpool_cnn"] = _keep_costs(maxpool, train, 10)
