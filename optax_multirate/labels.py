@@ -372,6 +372,10 @@ def rule_labels(
     for label, rs in rules.items():
         if isinstance(rs, str) or callable(rs):
             rs = [rs]
+        elif not isinstance(rs, Sequence):
+            raise ValueError(
+                f"rules[{label!r}]: a rule must be a str or callable, or a list of them, got {rs!r}"
+            )
         for r in rs:
             if isinstance(r, str):
                 try:
@@ -439,7 +443,10 @@ def random_labels(
     if eligible is None:
         ok = paths
     else:
-        tree = rule_labels(params, {True: eligible}, default=False)
+        try:
+            tree = rule_labels(params, {True: eligible}, default=False)
+        except ValueError as e:
+            raise ValueError(f"random_labels: eligible={eligible!r}: {e}") from None
         ok = [p for p, e in zip(paths, jax.tree.leaves(tree)) if e]
     if not ok:
         raise ValueError(f"random_labels: no param is eligible under {eligible!r}")

@@ -184,6 +184,8 @@ def _validate(
 ) -> None:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if not isinstance(allow_non_monotone, bool):
+        raise ValueError(f"allow_non_monotone must be a bool, got {allow_non_monotone!r}")
     if k is None:
         if mode == "paper":
             raise ValueError("k is required in mode='paper' (the tick at which all rates meet)")
@@ -362,7 +364,13 @@ def scale_by_lerac(
     def init_fn(params: optax.Params) -> LeracState:
         table = _depth_table(depth_labels, params)
         used = _all_labels(depth_labels, params) | set(table.values())
-        n = len(initial_scales) if initial_scales is not None else max(used, default=-1) + 1
+        n_used = max(used, default=-1) + 1
+        if initial_scales is not None and len(initial_scales) > n_used:
+            raise ValueError(
+                f"initial_scales has {len(initial_scales)} entries but depth_labels has "
+                f"{n_used} depths (0..{n_used - 1}): {tuple(initial_scales)!r}"
+            )
+        n = len(initial_scales) if initial_scales is not None else n_used
         out = sorted(d for d in used if d >= n)
         if out:
             raise ValueError(

@@ -72,6 +72,8 @@ def _check_range(value: Any, name: str, lo: float, hi: float, lo_open: bool, hi_
     """Checks a concrete scalar lies in an interval (traced values are skipped)."""
     if callable(value) or not _concrete(value):
         return
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as e:
@@ -216,6 +218,14 @@ def multirate(
       ``optax.inject_hyperparams`` pass ``k`` and ``param_labels`` in ``static_args``.
     """
     _check_k(k)
+    for arg, tx in (("fast_tx", fast_tx), ("slow_tx", slow_tx)):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"{arg} must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
+                f"optax.sgd), got {tx!r}"
+            )
+    if not isinstance(linear_drift, bool):
+        raise ValueError(f"linear_drift must be a bool, got {linear_drift!r}")
     labels_fn = _labels_fn(param_labels, {FAST, SLOW})
     if k == 1:  # every step is a cycle start: the plain partition (bitwise, no lax.cond)
         slow = slow_tx

@@ -475,6 +475,7 @@ def freeze_schedule(
       A ``GradientTransformationExtraArgs``; extra args are passed on to ``inner``.
 
     Raises:
+      TypeError: if ``inner`` is not an ``optax.GradientTransformation``.
       ValueError: for an interval that is not ``0 <= start < stop``, and at ``init`` for labels
         that do not match the params or a frozen label that labels no leaf.
 
@@ -503,6 +504,11 @@ def freeze_schedule(
             raise ValueError(
                 f"frozen[{lab!r}] must be (start, stop) ints with 0 <= start < stop, got {iv!r}"
             )
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
+            f"optax.sgd), got {inner!r}"
+        )
     inner = optax.with_extra_args_support(inner)
     bounds = sorted({0} | {v for iv in frozen.values() for v in iv if v is not None})
     # segment i covers [bounds[i], bounds[i+1]); its frozen labels:

@@ -255,6 +255,11 @@ def wus(
         if len(set(force_windows)) != len(force_windows):
             raise ValueError(f"force_windows must not repeat a period, got {force_windows!r}")
     allowed = {"weight", "bias"} | keep_set
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
+            f"optax.sgd), got {inner!r}"
+        )
     inner = optax.with_extra_args_support(inner)
 
     def split(weights_active: jax.Array | bool, groups: Any) -> optax.GradientTransformation:
