@@ -17,7 +17,7 @@ References: ``sgd`` and every method alone. A small CNN with batch norm on sciki
 digits, seeds interleaved (seed 0 of every arm, then seed 1). Each run is caught on its own:
 a failure is recorded with its error in the results (``pairs_failed``), never dropped::
 
-    python -m benchmarks.combos            # full: 2 seeds, writes benchmarks/results/combos.*
+    python -m benchmarks.combos            # full: 3 seeds, writes benchmarks/results/combos.*
     python -m benchmarks.combos --quick    # smoke: 1 seed, 2 epochs on 256 examples, pairs only
 """
 
@@ -46,8 +46,8 @@ POOL_AFTER = (0,)
 BATCH_SIZE = 64
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
-FULL_EPOCHS = 8
-FULL_SEEDS = 2
+FULL_EPOCHS = 12
+FULL_SEEDS = 3  # shared/BENCHMARKS.md: accuracy over at least 3 seeds; the run takes minutes
 QUICK_EPOCHS = 2
 QUICK_EXAMPLES = 256
 MULTIRATE_K = 5  # the head is fast, the convolutions (and their norms) slow
@@ -193,6 +193,8 @@ def _run_arm(
             )
             partial = 0
             steps = sum(res.steps_per_stage)
+            step_ms = harness.median_ms(m for stage in res.step_times_ms for m in stage)
+            partial_ms = math.nan
             # No phased method in these chains: every step program is the full gradient.
             masks = ["full"] if not om.find_tags(res.opt_state) else ["unknown (fit_grown)"]
             extra = {"growths": len(res.growths), "num_compiles": sum(res.num_compiles)}
@@ -210,6 +212,10 @@ def _run_arm(
             )
             steps = res.steps
             partial = sum(len(v) for k, v in res.step_times_ms.items() if k != "full")
+            step_ms = harness.median_ms(res.step_times_ms.get("full", []))
+            partial_ms = harness.median_ms(
+                m for k, v in res.step_times_ms.items() if k != "full" for m in v
+            )
             masks = sorted(res.masks)
             extra = {"num_compiles": res.num_compiles}
         windows = optax.tree_utils.tree_get(res.opt_state, "windows")
@@ -227,6 +233,8 @@ def _run_arm(
             "train_time_s": res.train_time_s,
             "compile_time_s": res.compile_time_s,
             "steps": steps,
+            "full_step_time_ms": step_ms,  # median over the timed full-gradient steps
+            "partial_step_time_ms": partial_ms,  # and over the partial ones (nan: none)
             "masks": masks,
             # timed steps run with a partial-gradient mask (steps that compiled are not timed)
             "partial_steps": partial,
@@ -265,6 +273,10 @@ def _summarise(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any
             100.0 * (r["final_accuracy"] - sgd_acc[r["seed"]]) for r in ok if r["seed"] in sgd_acc
         ]
         summary[f"{k}_accuracy_delta_pt"] = harness.mean_std(deltas)[0] if deltas else None
+        for kind in ("full", "partial"):
+            ms = [r[f"{kind}_step_time_ms"] for r in ok]
+            ms = [m for m in ms if m is not None and not math.isnan(m)]
+            summary[f"{k}_{kind}_step_time_ms"] = harness.median_ms(ms) if ms else None
         summary[f"{k}_failed_runs"] = len(rs) - len(ok)
     pairs = [a for a in arms if a in PAIRS]
     summary["pairs_run"] = len(pairs)
@@ -285,8 +297,9 @@ def _table(
 ) -> str:
     rows = [
         "| arm | chain | test accuracy | vs SGD (pt) | train time (s) | time ratio vs SGD "
-        "| step programs | partial-gradient steps | notes | failed runs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+        "| full / partial step (ms) | step programs | partial-gradient steps | notes "
+        "| failed runs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
     ]
     for arm in arms:
         k = _key(arm)
@@ -298,6 +311,7 @@ def _table(
         notes = []
         if any("wus_windows" in r for r in ok):
             notes.append("windows " + "/".join(str(r["wus_windows"]) for r in ok))
+            notes.append("window steps " + "/".join(str(r["wus_skipped_steps"]) for r in ok))
         if any("switched_at" in r for r in ok):
             notes.append("switch at step " + "/".join(str(r["switched_at"]) for r in ok))
         if any("growths" in r for r in ok):
@@ -310,6 +324,8 @@ def _table(
             f"| {_fmt(summary[f'{k}_accuracy_delta_pt'], '+.2f')} "
             f"| {_fmt(summary[f'{k}_train_time_s'], '.2f')} "
             f"| {_fmt(summary[f'{k}_time_ratio'], '.2f')} "
+            f"| {_fmt(summary[f'{k}_full_step_time_ms'], '.2f')} / "
+            f"{_fmt(summary[f'{k}_partial_step_time_ms'], '.2f')} "
             f"| {', '.join(masks) or 'n/a'} | {partial}/{steps} | {', '.join(notes)} "
             f"| {summary[f'{k}_failed_runs']}{' (' + errors + ')' if errors else ''} |"
         )
@@ -397,12 +413,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     note = (
         f"\n\n{len(seeds)} seed(s), {epochs} epochs of {spe} steps, batch {BATCH_SIZE}; pairs in "
         "bold. Train time excludes compilation and evaluation (growth included); time ratio is "
-        "the per-seed ratio to `sgd`, averaged. A digits step takes about 2 ms on this machine, "
-        "so host dispatch and the per-step phase read weigh as much as the arithmetic a phase "
-        "saves: time ratios here say whether a combination costs extra, not what it saves on "
-        "larger models (see `benchmarks/step_cost.py`). Partial-gradient steps: timed steps run "
+        "the per-seed ratio to `sgd`, averaged. Full / partial step: median wall time of a "
+        "step with the full gradient and with a partial one (the median of the runs' medians). "
+        "On steps this short, fixed per-step costs (dispatch, the phase read) weigh heavily, so "
+        "the ratios say whether a combination costs extra more than what a phase saves on a "
+        "larger model (see `benchmarks/step_cost.py`). Partial-gradient steps: timed steps run "
         "with a program that differentiates only part of the params (multirate's fast-only "
-        "steps, WUS windows). Notes give per-seed WUS windows, the two-regimes switch step and "
+        "steps, WUS windows). Notes give per seed the WUS windows opened and the steps run in "
+        "one (a window opened after the last epoch runs none), the two-regimes switch step and "
         "the growths."
     )
     harness.write_results(
