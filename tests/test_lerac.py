@@ -308,7 +308,7 @@ def test_non_monotone_allowed_on_request():
         ({"a": 0, "b": -1}, dict(k=2), "negative"),
         ({"a": 0, "b": 2}, dict(k=2), "depth 1 labels no param"),
         ({"a": 0, "b": 3}, dict(k=2, initial_scales=(1.0, 0.1)), "outside"),
-        ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0, 0.1, 0.01)), "depth 2 labels no"),
+        ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0, 0.1, 0.01)), "initial_scales has 3"),
         ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0,)), "initial_scales"),
         ({"a": 0, "b": 1}, dict(k=0, mode="staircase"), "k"),  # derived at init: needs 1
     ],
