@@ -491,10 +491,13 @@ def multirate_subgroups(
         pairs = treedef.flatten_up_to(out)
         new_updates = treedef.unflatten([u for u, _ in pairs])
         new_momentum = treedef.unflatten([p for _, p in pairs])
-        key, sub = jax.random.split(state.key)
-        drawn = _draw_mask(sub, state.mask, eligible(updates), slow_fraction)
-        mask = jax.tree.map(lambda a, b: jnp.where(slow_step, a, b), drawn, state.mask)
-        key = jnp.where(slow_step, key, state.key)
+        flags = eligible(updates)
+
+        def redraw(_):  # after the slow step only: no random bits on fast steps
+            key, sub = jax.random.split(state.key)
+            return key, _draw_mask(sub, state.mask, flags, slow_fraction)
+
+        key, mask = jax.lax.cond(slow_step, redraw, lambda _: (state.key, state.mask), None)
         count = optax.safe_increment(state.count)
         next_slow = count % (k + 1) == k
         return new_updates, MultirateSubgroupsState(count, next_slow, key, mask, new_momentum)
