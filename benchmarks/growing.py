@@ -223,41 +223,44 @@ def _table(runs: list[dict[str, Any]], label: str, s: dict, title: str) -> str:
 
 
 def _plot(runs: list[dict[str, Any]], labels: list[tuple[str, str]]) -> Callable[[Any], None]:
+    """Accuracy over train time per plan (seed means bold, seeds faint, growths marked) and
+    the LRA ratios of plans A and B (grown full, first seed)."""
+
     def plot(fig: Any) -> None:
-        fig.set_size_inches(6 * (len(labels) + 1), 4.5)
+        fig.set_size_inches(5.5 * (len(labels) + 1), 4.5)
         colours = {arm: f"C{i}" for i, arm in enumerate(ARMS)}
         for k, (label, title) in enumerate(labels):
             ax = fig.add_subplot(1, len(labels) + 1, k + 1)
-            seen: set[str] = set()
-            for r in (r for r in runs if r["plan"] == label):
-                arm = r["arm"].split(":", 1)[1]
-                h = r["history"]
-                ax.plot([x["train_time_s"] for x in h], [x["test_accuracy"] for x in h],
-                        color=colours[arm], alpha=0.7, lw=1,
-                        label=None if arm in seen else arm)  # fmt: skip
-                seen.add(arm)
-                for g in r["growths"]:  # growth points: accuracy of the epoch before growth
-                    before = [x for x in h if x["epoch"] == g["epoch"]]
-                    if before:
-                        ax.plot(g["train_time_s"], before[0]["test_accuracy"], "v", ms=4,
-                                color=colours[arm])  # fmt: skip
+            lows = []
+            for arm in ARMS:
+                rs = [r for r in runs if r["arm"] == f"{label}:{arm}"]
+                t = np.asarray([[x["train_time_s"] for x in r["history"]] for r in rs])
+                a = np.asarray([[x["test_accuracy"] for x in r["history"]] for r in rs])
+                for ti, ai in zip(t, a):
+                    ax.plot(ti, ai, color=colours[arm], alpha=0.15, lw=0.8)
+                ax.plot(t.mean(0), a.mean(0), color=colours[arm], lw=2, label=arm)
+                lows.append(a.mean(0)[min(2, a.shape[1] - 1)])
+                for g in rs[0]["growths"]:  # mean time and accuracy at each growth
+                    e = g["epoch"] - 1
+                    ax.plot(t[:, e].mean(), a[:, e].mean(), "v", ms=7, color=colours[arm])
             ax.set_xlabel("train time (s; compile and eval excluded, growth included)")
             ax.set_ylabel("test accuracy")
-            ax.set_title(f"{title} (v = growth)")
-            ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
+            ax.set_title(f"{title}\n(bold: mean of seeds; v: growth)", fontsize=9)
+            ax.set_ylim(bottom=min(lows) - 0.02)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
         ax = fig.add_subplot(1, len(labels) + 1, len(labels) + 1)
-        r = next(r for r in runs if r["arm"] == f"{labels[0][0]}:grown_full")
-        ratios = np.asarray([x["lra_ratios"] for x in r["history"]])
-        for t in range(1, ratios.shape[1]):
-            ax.plot([x["epoch"] for x in r["history"]], ratios[:, t], marker="o", ms=3,
-                    label=f"r_{t}")  # fmt: skip
+        for (label, _), style in zip(labels, ("-", "--")):
+            r = next(r for r in runs if r["arm"] == f"{label}:grown_full")
+            ratios = np.asarray([x["lra_ratios"] for x in r["history"]])
+            for t in range(1, ratios.shape[1]):
+                ax.plot([x["epoch"] for x in r["history"]], ratios[:, t], style, marker="o",
+                        ms=3, color=f"C{t}", label=f"{label}: r_{t}")  # fmt: skip
         ax.set_xlabel("epoch")
-        ax.set_ylabel("LRA ratio r_t = N_t / N_0 (end of epoch)")
-        ax.set_title(f"{labels[0][1]}: LRA ratios, grown full, seed {r['seed']}")
+        ax.set_ylabel("r_t = N_t / N_0 at the end of the epoch")
+        ax.set_title("LRA ratios, grown full, first seed", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
 
     return plot
 

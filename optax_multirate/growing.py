@@ -290,23 +290,27 @@ def growth_lr_adaptation(
         if params is None:
             raise ValueError("params must be given to growth_lr_adaptation's update")
         paths = labels_lib.leaf_paths(params)
-        p_leaves = jax.tree.leaves(params)
         b_leaves = jax.tree.leaves(state.birth)
-        sqs, cnts = [], []
-        for path, w, b in zip(paths, p_leaves, b_leaves):
-            if _is_kernel(path):
-                ids = b.ravel().astype(jnp.int32)
-                w2 = jnp.square(w.astype(jnp.float32)).ravel()
-                sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num))
-                cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num))
-        if scope == "global":
-            zero = jnp.zeros((num,), jnp.float32)
-            fresh = ratios_of(sum(sqs, zero), sum(cnts, zero))
-        elif not sqs:
-            fresh = state.ratios
+
+        def fresh():
+            sqs, cnts = [], []
+            for path, w, b in zip(paths, jax.tree.leaves(params), b_leaves):
+                if _is_kernel(path):
+                    ids = b.ravel().astype(jnp.int32)
+                    w2 = jnp.square(w.astype(jnp.float32)).ravel()
+                    sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num))
+                    cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num))
+            if scope == "global":
+                zero = jnp.zeros((num,), jnp.float32)
+                return ratios_of(sum(sqs, zero), sum(cnts, zero))
+            if not sqs:
+                return state.ratios
+            return ratios_of(jnp.stack(sqs), jnp.stack(cnts)).reshape(state.ratios.shape)
+
+        if refresh == "stage":  # the norms are computed only on a stage's first step
+            ratios = jax.lax.cond(state.lra_stale, fresh, lambda: state.ratios)
         else:
-            fresh = ratios_of(jnp.stack(sqs), jnp.stack(cnts)).reshape(state.ratios.shape)
-        ratios = jnp.where(state.lra_stale, fresh, state.ratios) if refresh == "stage" else fresh
+            ratios = fresh()
         out, k = [], 0
         for path, u, b in zip(paths, jax.tree.leaves(updates), b_leaves):
             if _is_kernel(path) or apply_to == "all":

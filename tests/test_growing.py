@@ -452,15 +452,16 @@ def test_lra_refresh_stage_freezes_until_growth():
     tx = growth_lr_adaptation(2, refresh="stage", clip=(0.5, 4.0))
     p = {"k": {"kernel": jnp.asarray([1.0, 2.0])}}
     st = tx.init(p)
+    update = jax.jit(tx.update)
     st = st._replace(birth={"k": {"kernel": jnp.asarray([0, 1], jnp.int8)}})
-    _, st = tx.update(p, st, p)
+    _, st = update(p, st, p)
     assert float(st.ratios[1]) == 2.0 and not bool(st.lra_stale)
     p2 = {"k": {"kernel": jnp.asarray([1.0, 3.0])}}
-    _, st = tx.update(p, st, p2)
+    _, st = update(p, st, p2)
     assert float(st.ratios[1]) == 2.0  # frozen within the stage
     st = optax.tree_utils.tree_set(st, lra_stale=jnp.asarray(True))  # what grow does
     p3 = {"k": {"kernel": jnp.asarray([1.0, 9.0])}}
-    u, st = tx.update(p, st, p3)
+    u, st = update(p, st, p3)
     assert float(st.ratios[1]) == 4.0 and float(u["k"]["kernel"][1]) == 8.0  # clipped
 
 
