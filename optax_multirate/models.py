@@ -7,7 +7,8 @@ the label helpers and :func:`optax_multirate.grow` rely on:
 * ``MLP``: hidden ``Dense_0 .. Dense_{n-1}`` (and ``BatchNorm_i`` after each when
   ``batch_norm=True``), then ``head``.
 * ``CNN``: ``Conv_0 .. Conv_{n-1}`` (3x3, stride 1, "SAME"; ``BatchNorm_i`` after each when
-  ``batch_norm=True``), 2x2 max-pool after the convolutions listed in ``pool_after``, global
+  ``batch_norm=True``), 2x2 max-pool (:func:`max_pool_2x2`) after the convolutions listed in
+  ``pool_after``, global
   average pooling, optional hidden ``Dense_i``, then ``head``. The head's fan-in is the last
   conv's channel count.
 * ``ResNet``: ``stem`` (+ ``stem_bn``), residual blocks ``ResBlock_0 ..`` (post-activation:
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MLP", "CNN", "ResNet", "widths"]
+__all__ = ["MLP", "CNN", "ResNet", "max_pool_2x2", "widths"]
 
 
 def widths(base: Sequence[int], multiplier: float = 1.0, *, minimum: int = 1) -> tuple[int, ...]:
@@ -61,6 +62,32 @@ def _check_widths(name: str, ws: Sequence[int], allow_empty: bool = False) -> No
     for w in ws:
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"{name} must hold positive ints, got {tuple(ws)!r}")
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 ("VALID"), as a reshape and a max.
+
+    Same values as ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))`` (an odd last row or
+    column is dropped), but its backward is an elementwise mask instead of XLA's
+    select-and-scatter, which on XLA CPU was about 10x slower (143 ms against 15 ms for a
+    ``(128, 28, 28, 32)`` input here). Bias-only and head-only steps still pay for the
+    pooling backward, so this keeps their cost close to their FLOP share.
+
+    Args:
+      x: ``(batch, height, width, channels)``.
+
+    Returns:
+      ``(batch, height // 2, width // 2, channels)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> max_pool_2x2(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _bn(train: bool, name: str) -> nn.BatchNorm:
@@ -135,7 +162,7 @@ class CNN(nn.Module):
                 x = _bn(train, f"BatchNorm_{i}")(x)
             x = nn.relu(x)
             if i in self.pool_after:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = jnp.mean(x, axis=(1, 2))
         for i, w in enumerate(self.dense):
             x = nn.relu(nn.Dense(w, name=f"Dense_{i}")(x))

@@ -57,3 +57,18 @@ def test_widths_and_errors():
         ResNet(stage_features=(4, 8), blocks_per_stage=(1,)).init(
             jax.random.key(0), jnp.ones((1, 8, 8, 1))
         )
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+    import flax.linen as nn
+    import numpy as np
+
+    from optax_multirate.models import max_pool_2x2
+
+    for shape in [(2, 8, 8, 3), (2, 7, 9, 1)]:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+        ref = nn.max_pool(x, (2, 2), strides=(2, 2))
+        np.testing.assert_array_equal(max_pool_2x2(x), ref)
+        g = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) ** 2))(x)
+        gref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) ** 2))(x)
+        np.testing.assert_allclose(g, gref, rtol=1e-6)  # no ties in random data
