@@ -3,7 +3,8 @@
 Plan A: the CNN with batch norm (final widths 16/32/64) on the MNIST subset; plan B: the MLP
 40-256-256-10 without batch norm on mnist1d. Both grow from a quarter of the width in 4 steps
 (``p_c = 0.5``). Arms, interleaved by seed, on the same batches: fixed full width, grown full
-method (VT + LRA), grown without VT, grown without LRA, plain growth (neither)::
+method (VT + LRA), grown without VT, grown without LRA, plain growth (neither), and the full
+method with the momentum carried over at growth instead of reset (spec 1.4)::
 
     python -m benchmarks.growing            # full: 5 seeds, writes benchmarks/results/growing.*
     python -m benchmarks.growing --quick    # smoke: 1 seed, digits + a slice of mnist1d
@@ -31,12 +32,13 @@ BATCH_SIZE = 128
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 FULL_SEEDS = 5
 TOLERANCE_PT = 0.5  # time to (fixed model's final accuracy - 0.5 pt)
-ARMS = {  # name: (grown, LRA, rescale)
-    "fixed": (False, False, None),
-    "grown_full": (True, True, "fan_in"),
-    "grown_no_vt": (True, True, None),
-    "grown_no_lra": (True, False, "fan_in"),
-    "grown_plain": (True, False, None),
+ARMS = {  # name: (grown, LRA, rescale, momentum at growth)
+    "fixed": (False, False, None, "reset"),
+    "grown_full": (True, True, "fan_in", "reset"),
+    "grown_no_vt": (True, True, None, "reset"),
+    "grown_no_lra": (True, False, "fan_in", "reset"),
+    "grown_plain": (True, False, None, "reset"),
+    "grown_carry": (True, True, "fan_in", "carry"),  # full method, momentum carried (spec 1.4)
 }
 
 CLAIM = (
@@ -90,13 +92,14 @@ def _plan(
     cache: dict = {}
 
     def make(arm: str) -> Callable[[int], dict[str, Any]]:
-        grown, lra, rescale = ARMS[arm]
+        grown, lra, rescale, momentum = ARMS[arm]
 
         def run(seed: int) -> dict[str, Any]:
             res = fit_grown(
                 model_fn, txs[lra], train, test, schedule if grown else fixed,
-                batch_size=BATCH_SIZE, seed=seed, grow_kwargs={"rescale": rescale},
-                measure_flops=seed == seeds[0], step_cache=cache,
+                batch_size=BATCH_SIZE, seed=seed, step_cache=cache,
+                grow_kwargs={"rescale": rescale, "momentum": momentum},
+                measure_flops=seed == seeds[0],
             )  # fmt: skip
             return {
                 "plan": label,
@@ -130,6 +133,11 @@ def _summarise(runs: list[dict[str, Any]], label: str, schedule: GrowthSchedule)
         np.mean([r["train_time_s"] for r in by["fixed"]])
     )
     flops = {arm: rs[0]["flops"] for arm, rs in by.items()}
+
+    def step_cost(arm: str) -> float:  # steps x median step time, per stage (seed medians)
+        med = np.median([r["step_time_ms_per_stage"] for r in by[arm]], axis=0)
+        return float(np.dot(by[arm][0]["steps_per_stage"], med))
+
     changes = [g["max_logit_change"] for arm in ARMS if arm != "fixed" for r in by[arm]
                for g in r["growths"]]  # fmt: skip
     rel = [g["max_logit_change"] / max(g["max_logit"], 1e-12) for arm in ARMS if arm != "fixed"
@@ -150,6 +158,7 @@ def _summarise(runs: list[dict[str, Any]], label: str, schedule: GrowthSchedule)
             if pairs
             else None
         ),
+        "time_ratio_from_step_medians": step_cost("grown_full") / step_cost("fixed"),
         "time_to_accuracy_reached": len(pairs),
         "target_accuracy": target,
         "flop_ratio": flops["grown_full"] / flops["fixed"],
@@ -164,6 +173,7 @@ def _summarise(runs: list[dict[str, Any]], label: str, schedule: GrowthSchedule)
         "no_vt_accuracy_delta_pt": ("grown_no_vt", "grown_full"),
         "no_lra_accuracy_delta_pt": ("grown_no_lra", "grown_full"),
         "plain_accuracy_delta_pt": ("grown_plain", "grown_full"),
+        "carry_accuracy_delta_pt": ("grown_carry", "grown_full"),
     }.items():
         m, lo, hi = delta(a, b)
         out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = m, lo, hi
@@ -225,14 +235,16 @@ def _table(runs: list[dict[str, Any]], label: str, s: dict, title: str) -> str:
     rows += [
         "",
         f"Grown full vs fixed: accuracy {ci('accuracy_delta_pt')} pt (95% CI); time ratio "
-        f"{fmt(s['time_ratio'], '.3f')}; time-to-accuracy ratio "
+        f"{fmt(s['time_ratio'], '.3f')} (from median step times per stage: "
+        f"{fmt(s['time_ratio_from_step_medians'], '.3f')}); time-to-accuracy ratio "
         f"{fmt(s['time_to_accuracy_ratio'], '.3f')} (target {target:.4f} = fixed mean - "
         f"{TOLERANCE_PT} pt, reached by both in {s['time_to_accuracy_reached']} seeds); FLOP "
         f"ratio {fmt(s['flop_ratio'], '.3f')} measured, {fmt(s['flop_ratio_predicted'], '.3f')} "
         "predicted (sum_t T_t m_t^2 / T).  ",
         f"Ablations vs grown full (paired by seed, pt, 95% CI): without VT "
         f"{ci('no_vt_accuracy_delta_pt')}, without LRA {ci('no_lra_accuracy_delta_pt')}, plain "
-        f"growth {ci('plain_accuracy_delta_pt')}.  ",
+        f"growth {ci('plain_accuracy_delta_pt')}; momentum carried instead of reset "
+        f"{ci('carry_accuracy_delta_pt')}.  ",
         f"Largest change of the logits at a growth (all grown arms, eval mode, 256 test "
         f"examples): {fmt(s['max_logit_change'], '.2e')} "
         f"({fmt(s['max_logit_change_relative'], '.1e')} of the largest logit).  ",
@@ -356,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "optimizer": f"add_decayed_weights({WEIGHT_DECAY}), trace({MOMENTUM}), cosine({LR}) over "
         "all steps, [growth_lr_adaptation(S)], scale(-1)",
         "grow": "pairing, exact=True, momentum='reset', new entries lecun normal at new fan-in",
-        "arms": {k: {"grown": g, "lra": lra, "rescale": r} for k, (g, lra, r) in ARMS.items()},
+        "arms": {
+            k: {"grown": g, "lra": lra, "rescale": r, "momentum": mo}
+            for k, (g, lra, r, mo) in ARMS.items()
+        },
         "batch_size": BATCH_SIZE,
         "seeds": seeds,
     }
