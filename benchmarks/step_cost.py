@@ -117,6 +117,8 @@ def measure(name: str, model, x: np.ndarray, y: np.ndarray, rounds: int, per_rou
         "bias_only_time_ratio": med["bias_only"] / med["full"],
         "bias_only_flop_ratio": flops["bias_only"] / flops["full"],
         "dispatch_overhead_ratio": med["host_all_true"] / med["plain"],
+        # the same compiled program called directly: the cost of host dispatch alone
+        "host_dispatch_only_ratio": med["host_all_true"] / med["full"],
         "switch_full_time_ratio": med["switch_full"] / med["full"],
         "compile_time_s": host.compile_time_s,
     }
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k in keys:
             summary[prefix + k] = round(by[model][k], 4)
         summary[prefix + "switch_full_time_ratio"] = round(by[model]["switch_full_time_ratio"], 4)
+        summary[prefix + "host_dispatch_only_ratio"] = round(
+            by[model]["host_dispatch_only_ratio"], 4
+        )
         summary[prefix + "full_step_ms"] = round(by[model]["median_ms"]["full"], 3)
     for prefix, model in (("", "cnn"), ("resnet_", "resnet")):
         for k in ("head_only", "bias_only"):
