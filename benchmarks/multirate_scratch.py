@@ -140,7 +140,7 @@ def _train(
         ev = jax.device_get(evaluate(carry[0]))
         for i in range(len(seeds)):
             row = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_time_s": train_time}
-            row.update({k: float(v[i]) for k, v in ev.items()})
+            row.update({k: float(f"{v[i]:.6g}") for k, v in ev.items()})  # 6 digits: JSON size
             histories[i].append(row)
     logger.info("%s: %s", name, {k: float(np.mean(v)) for k, v in ev.items()})
     return [
