@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from optax_multirate import labels as labels_lib
-from optax_multirate.phases import PhaseTag, phase_tag, set_phase
+from optax_multirate.phases import PhaseTag, phase_tag, set_phase, zero_unread
 
 __all__ = [
     "MultirateState",
@@ -251,15 +251,7 @@ def multirate(
 
     def update_fn(updates, state, params=None, **extra):
         # Gate on the incoming phase: unread (slow) gradients become zeros, NaN-safe.
-        row = jnp.asarray(state.tag.reads, bool)[state.tag.phase]
-        leaves, treedef = jax.tree.flatten(updates)
-        if len(leaves) != len(state.tag.paths):
-            raise ValueError(
-                f"multirate: updates have {len(leaves)} leaves, the params at init had "
-                f"{len(state.tag.paths)}"
-            )
-        leaves = [jnp.where(row[i], x, jnp.zeros_like(x)) for i, x in enumerate(leaves)]
-        updates = jax.tree.unflatten(treedef, leaves)
+        updates = zero_unread(updates, state.tag)
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
         count = optax.safe_increment(state.count)
         tag = set_phase(state.tag, jnp.where(count % k == 0, 0, 1))
