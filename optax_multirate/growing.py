@@ -274,25 +274,30 @@ def growth_lr_adaptation(
     num = num_stages
     bdtype = jnp.int8 if num <= 127 else jnp.int16
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> GrowthLRAState:
         birth = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bdtype), params)
         n = sum(map(_is_kernel, labels_lib.leaf_paths(params)))
         shape = (num,) if scope == "global" else (n, num)
         return GrowthLRAState(birth, jnp.ones(shape, jnp.float32), jnp.asarray(True))
 
-    def ratios_of(sq, cnt):
+    def ratios_of(sq: jax.Array, cnt: jax.Array) -> jax.Array:
         r = jnp.sqrt(sq) / jnp.sqrt(jnp.maximum(sq[..., :1], eps))
         r = jnp.where(cnt > 0, r, 1.0)
         return r if clip is None else jnp.clip(r, clip[0], clip[1])
 
-    def update_fn(updates, state, params=None, **extra):
+    def update_fn(
+        updates: optax.Updates,
+        state: GrowthLRAState,
+        params: optax.Params | None = None,
+        **extra: Any,
+    ) -> tuple[optax.Updates, GrowthLRAState]:
         del extra
         if params is None:
             raise ValueError("params must be given to growth_lr_adaptation's update")
         paths = labels_lib.leaf_paths(params)
         b_leaves = jax.tree.leaves(state.birth)
 
-        def fresh():
+        def fresh() -> jax.Array:
             sqs, cnts = [], []
             for path, w, b in zip(paths, jax.tree.leaves(params), b_leaves):
                 if _is_kernel(path):
@@ -436,7 +441,9 @@ def _draw(key: jax.Array, index: int, shape: tuple[int, ...], new_init: Any) -> 
     return (z * np.sqrt(1.0 / fan_in) / 0.87962566103423978).astype(np.float32)
 
 
-def _grow_kernel(old, shape, mult, key, index, cfg) -> np.ndarray:
+def _grow_kernel(
+    old: np.ndarray, shape: tuple[int, ...], mult: float, key: jax.Array, index: int, cfg: dict
+) -> np.ndarray:
     """New kernel: drawn, paired (``[Z, -Z]`` inputs, ``[V; V]`` outputs), old block * mult."""
     i0, o0 = old.shape[-2:]
     i1, o1 = shape[-2:]
@@ -641,7 +648,7 @@ def grow(
     new_params = jax.tree.map(lambda x: x, params)
     new_stats = jax.tree.map(lambda x: x, stats)
 
-    def put(tree, path, leaf, value):
+    def put(tree: dict, path: tuple[str, ...], leaf: str, value: np.ndarray) -> None:
         _get(tree, path)[leaf] = value
 
     widths: dict[str, tuple[int, int]] = {}
@@ -725,7 +732,7 @@ def grow(
             put(new_stats, layer.bn, "mean", mean)
             put(new_stats, layer.bn, "var", var)
 
-    def cast(new, old):  # device_put: jnp.asarray would compile a copy per new shape
+    def cast(new: np.ndarray, old: Any) -> jax.Array:  # jnp.asarray would compile per shape
         return jax.device_put(new.astype(np.asarray(old).dtype))
 
     out = dict(variables)
@@ -738,7 +745,14 @@ def grow(
     return out, new_state
 
 
-def _grow_state(opt_state, new_params, optimizer, stage, momentum, num_stages):
+def _grow_state(
+    opt_state: optax.OptState,
+    new_params: optax.Params,
+    optimizer: optax.GradientTransformation,
+    stage: int,
+    momentum: str,
+    num_stages: int | None,
+) -> optax.OptState:
     """``optimizer.init(new_params)`` with the old values carried over leaf by leaf.
 
     Only the structure, shapes and dtypes of the new state are needed, so ``init`` is traced
@@ -937,8 +951,7 @@ def fit_grown(
         n_before, t_before = step_fn.phased.num_compiles, step_fn.phased.compile_time_s
         stage_times: list[float] = []
         for _ in range(stage_epochs):
-            keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), epoch),
-                                    steps_per_epoch)  # fmt: skip
+            keys = train_lib._step_keys(seed, epoch, steps_per_epoch)  # fit's dropout keys
             pending = []
             for i, batch in enumerate(batches(train, batch_size, seed=seed, epoch=epoch)):
                 if measure_flops and len(flops) == stage:
