@@ -52,18 +52,10 @@ def _subset(split: Split, n: int) -> Split:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the baseline benchmark and writes its results.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else FULL_EPOCHS)
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs!r}")
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
+    epochs = harness.epochs_from_args(args, full=FULL_EPOCHS)
     data = load_dataset("mnist_subset")
     train = _subset(data.train, QUICK_TRAIN_EXAMPLES) if args.quick else data.train
     model = CNN(

@@ -335,19 +335,10 @@ def _table(
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs every arm on every seed, interleaved, and writes ``benchmarks/results/combos.*``.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
-    default_epochs = QUICK_EPOCHS if args.quick else FULL_EPOCHS
-    epochs = args.epochs if args.epochs is not None else default_epochs
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs!r}")
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
+    epochs = harness.epochs_from_args(args, full=FULL_EPOCHS, quick=QUICK_EPOCHS)
     data = load_dataset(DATASET)
     train = data.train
     if args.quick:

@@ -306,21 +306,17 @@ def _plot(runs: list[dict[str, Any]], labels: list[tuple[str, str]]) -> Callable
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs plans A and B and writes ``benchmarks/results/growing.*``.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    p = harness.parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--mlp-epochs", type=int, default=None, help="epochs of plan B")
-    p.add_argument(
-        "--resolution", type=int, default=14, choices=(14, 28),
-        help="plan A image side: 14 (2x2 average-pooled, the default, to fit ~8 min) or 28",
-    )  # fmt: skip
-    args = p.parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
+
+    def flags(p):
+        p.add_argument("--mlp-epochs", type=int, default=None, help="epochs of plan B")
+        p.add_argument(
+            "--resolution", type=int, default=14, choices=(14, 28),
+            help="plan A image side: 14 (2x2 average-pooled, the default, to fit ~8 min) or 28",
+        )  # fmt: skip
+
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS, add_flags=flags)
     if args.quick:
         digits, m1d = load_dataset("digits"), load_dataset("mnist1d")
         epochs_a, epochs_b = args.epochs or 3, args.mlp_epochs or 3

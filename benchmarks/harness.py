@@ -37,9 +37,12 @@ __all__ = [
     "DEFAULT_OUT_DIR",
     "parser",
     "seeds_from_args",
+    "epochs_from_args",
+    "start",
     "interleave",
     "time_to_accuracy",
     "paired_ci",
+    "paired_ratio",
     "mean_std",
     "median_ms",
     "machine_info",
@@ -104,6 +107,63 @@ def seeds_from_args(args: argparse.Namespace, full: int, quick: int = 1) -> list
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n!r}")
     return list(range(n))
+
+
+def epochs_from_args(args: argparse.Namespace, full: int, quick: int = 1) -> int:
+    """Epochs from ``--epochs`` or the full/quick default.
+
+    Raises:
+      ValueError: for ``--epochs`` < 1.
+
+    Examples:
+      >>> a = parser("demo", "demo").parse_args(["--quick"])
+      >>> epochs_from_args(a, full=10), epochs_from_args(a, full=10, quick=2)
+      (1, 2)
+    """
+    n = args.epochs if args.epochs is not None else (quick if args.quick else full)
+    if n < 1:
+        raise ValueError(f"--epochs must be >= 1, got {n!r}")
+    return n
+
+
+def start(
+    name: str,
+    doc: str | None,
+    argv: Sequence[str] | None,
+    *,
+    full_seeds: int,
+    quick_seeds: int = 1,
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[argparse.Namespace, list[int]]:
+    """The prologue of every benchmark's ``main``: logging, the command line, the seeds.
+
+    Args:
+      name: the benchmark's name (``python -m benchmarks.<name>``).
+      doc: the module docstring; its first line is the ``--help`` description.
+      argv: command-line arguments (None: ``sys.argv[1:]``).
+      full_seeds: seeds of a full run (``--seeds`` overrides).
+      quick_seeds: seeds of a ``--quick`` run.
+      add_flags: adds the benchmark's own flags to the common parser.
+
+    Returns:
+      ``(args, seeds)``; a ``--epochs`` below 1 is refused here.
+
+    Raises:
+      ValueError: for ``--seeds`` or ``--epochs`` below 1.
+
+    Examples:
+      >>> args, seeds = start("demo", "Demo.", ["--seeds", "2"], full_seeds=5)
+      >>> print(args.quick, seeds)
+      False [0, 1]
+    """
+    setup_logging()
+    p = parser(name, (doc or name).strip().splitlines()[0])
+    if add_flags is not None:
+        add_flags(p)
+    args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs!r}")
+    return args, seeds_from_args(args, full=full_seeds, quick=quick_seeds)
 
 
 def interleave(
@@ -189,6 +249,51 @@ def paired_ci(
     sem = statistics.stdev(d) / math.sqrt(len(d))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * sem
     return mean, mean - half, mean + half
+
+
+def paired_ratio(
+    num: Sequence[float], den: Sequence[float], *, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Median of the paired ratios ``num[i] / den[i]`` and its distribution-free interval.
+
+    For timings taken in rounds (every program once per round, in a shuffled order), the
+    per-round ratio cancels drift in the machine's speed that a ratio of two medians keeps.
+    The interval is the order-statistic confidence interval of the median
+    (``scipy.stats.quantile_test``); it is nan for fewer than 6 pairs.
+
+    Args:
+      num: figures of the numerator arm, one per round.
+      den: figures of the denominator arm, same rounds in the same order. Pairs where either
+        is nan (an arm not timed in that round) are left out.
+      confidence: the interval's confidence level.
+
+    Returns:
+      ``(median, low, high)``.
+
+    Raises:
+      ValueError: if ``num`` and ``den`` differ in length or no pair is left.
+
+    Examples:
+      >>> m, lo, hi = paired_ratio([2.0, 4.0, 6.0, 8.0], [1.0, 2.0, 3.0, 4.0])
+      >>> print(m, lo, hi)
+      2.0 nan nan
+    """
+    if len(num) != len(den):
+        raise ValueError(f"num and den must be paired, got {len(num)} and {len(den)} figures")
+    r = [
+        float(a) / float(b)
+        for a, b in zip(num, den)
+        if not (math.isnan(float(a)) or math.isnan(float(b)))
+    ]
+    if not r:
+        raise ValueError("paired_ratio: no pair with both figures present")
+    med = float(statistics.median(r))
+    if len(r) < 6:
+        return med, math.nan, math.nan
+    from scipy import stats
+
+    ci = stats.quantile_test(r, p=0.5).confidence_interval(confidence_level=confidence)
+    return med, float(ci.low), float(ci.high)
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:

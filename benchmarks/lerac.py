@@ -638,24 +638,17 @@ def make_plot(infos: Mapping[str, Any], epochs: dict) -> Callable[[Any], None]:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the LeRaC benchmark and writes its results.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
+    args, mlp_seeds = harness.start(
+        NAME, __doc__, argv, full_seeds=FULL["mlp_seeds"], quick_seeds=QUICK["mlp_seeds"]
+    )
     cfg = QUICK if args.quick else FULL
-    mlp_seeds = list(range(args.seeds if args.seeds is not None else cfg["mlp_seeds"]))
-    cnn_seeds = list(range(min(len(mlp_seeds), cfg["cnn_seeds"]) if args.seeds is not None
-                           else cfg["cnn_seeds"]))  # fmt: skip
+    cnn_seeds = list(range(min(len(mlp_seeds), cfg["cnn_seeds"])))
     epochs = {
-        "mlp": args.epochs if args.epochs is not None else cfg["mlp_epochs"],
-        "cnn": args.epochs if args.epochs is not None else cfg["cnn_epochs"],
+        k: harness.epochs_from_args(args, full=FULL[f"{k}_epochs"], quick=QUICK[f"{k}_epochs"])
+        for k in ("mlp", "cnn")
     }
-    if min(epochs.values()) < 1 or not mlp_seeds:
-        raise ValueError(f"--epochs and --seeds must be >= 1, got {args.epochs}, {args.seeds}")
     mlp_arms = QUICK_MLP_ARMS if args.quick else MLP_ARMS
     t_start = time.perf_counter()
     runs: list[dict[str, Any]] = []

@@ -248,17 +248,11 @@ def _patch_data(train: Split, test: Split, seed: int = 0):
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs both parts and writes ``benchmarks/results/multirate_scratch.*``.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
-    sg_epochs = args.epochs or (QUICK_EPOCHS if args.quick else SG_EPOCHS)
-    ts_epochs = args.epochs or (QUICK_EPOCHS if args.quick else TS_EPOCHS)
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
+    sg_epochs = harness.epochs_from_args(args, full=SG_EPOCHS, quick=QUICK_EPOCHS)
+    ts_epochs = harness.epochs_from_args(args, full=TS_EPOCHS, quick=QUICK_EPOCHS)
     data = load_dataset("digits")
     sample = data.train.x[:1]
 

@@ -86,16 +86,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the transfer benchmark and writes ``benchmarks/results/multirate_transfer.*``.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
-    epochs = args.epochs if args.epochs is not None else (1 if args.quick else FULL_EPOCHS)
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
+    epochs = harness.epochs_from_args(args, full=FULL_EPOCHS)
     n = QUICK_EXAMPLES if args.quick else None
     pre_epochs = 1 if args.quick else PRETRAIN_EPOCHS
 

@@ -612,17 +612,9 @@ def _plot(curves: Mapping[str, Mapping[str, Any]]) -> Callable[[Any], None]:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the two-regimes benchmark and writes its results.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs!r}")
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
     tuning_seeds = TUNING_SEEDS[:1] if args.quick else TUNING_SEEDS
     chunk = 8 if args.quick else CHUNK
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]

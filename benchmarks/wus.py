@@ -400,22 +400,12 @@ def _compile_once_per_program() -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the WUS benchmark and writes its results.
 
-    Args:
-      argv: command-line arguments (default ``sys.argv[1:]``); see ``--help``.
-
-    Returns:
-      The ``summary`` mapping written to the results JSON.
+    ``argv``: the command line (None: ``sys.argv[1:]``). Returns the summary.
     """
-    harness.setup_logging()
-    args = harness.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    seeds = harness.seeds_from_args(args, full=FULL_SEEDS)
+    args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL_SEEDS)
+    epochs = harness.epochs_from_args(args, full=FULL_EPOCHS, quick=QUICK_EPOCHS)
     if not args.quick:
         _compile_once_per_program()
-    epochs = (
-        args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else FULL_EPOCHS)
-    )
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs!r}")
     data = load_dataset("digits" if args.quick else "mnist_subset")
     train, test = data.train, data.test
     spe = num_batches(train, BATCH_SIZE)

@@ -67,6 +67,29 @@ def test_paired_ci_matches_hand_computation():
         harness.paired_ci([1.0, 2.0], [1.0])
 
 
+def test_paired_ratio_is_median_of_per_round_ratios():
+    # a drift that doubles the machine's speed halfway hits both arms in each round alike
+    den = [10.0] * 10 + [5.0] * 10
+    num = [11.0] * 10 + [5.5] * 10
+    m, lo, hi = harness.paired_ratio(num, den)
+    assert m == pytest.approx(1.1) and lo == pytest.approx(1.1) and hi == pytest.approx(1.1)
+    # a ratio of medians would not see the pairing: 8.25 / 7.5 = 1.1 here by luck, so skew it
+    num2 = [11.0] * 10 + [5.5] * 9 + [100.0]
+    m2, lo2, hi2 = harness.paired_ratio(num2, den)
+    assert m2 == pytest.approx(1.1) and lo2 <= m2 <= hi2
+    # nan pairs (an arm not timed that round) are left out
+    m3, _, _ = harness.paired_ratio([2.0, math.nan, 6.0], [1.0, 1.0, 3.0])
+    assert m3 == 2.0
+    rng = np.random.default_rng(0)
+    r = 1.0 + 0.05 * rng.standard_normal(200)
+    m4, lo4, hi4 = harness.paired_ratio(r, np.ones(200))
+    assert lo4 < m4 < hi4 and hi4 - lo4 < 0.03
+    with pytest.raises(ValueError, match="paired"):
+        harness.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no pair"):
+        harness.paired_ratio([math.nan], [1.0])
+
+
 def test_median_mean_std_and_metadata():
     assert harness.median_ms([5.0, 1.0, 3.0]) == 3.0
     assert math.isnan(harness.median_ms([]))
