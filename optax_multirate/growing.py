@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import re
 import time
@@ -55,8 +54,6 @@ __all__ = [
     "GrownFitResult",
     "fit_grown",
 ]
-
-_log = logging.getLogger(__name__)
 
 
 def _half_up(x: float) -> int:
@@ -899,7 +896,7 @@ def fit_grown(
       >>> print(res.num_compiles, res.steps_per_stage, res.growths[0]["max_logit_change"] < 1e-5)
       [1, 1] [4, 8] True
     """
-    steps_per_epoch = num_batches(train, batch_size)
+    num_batches(train, batch_size)  # validates batch_size before any work
     grow_kwargs = dict(grow_kwargs or {})
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6E0)
     model = model_fn(schedule.widths[0])
@@ -949,51 +946,40 @@ def fit_grown(
             if step_cache is not None:
                 step_cache[cache_key] = step_fn
         n_before, t_before = step_fn.phased.num_compiles, step_fn.phased.compile_time_s
-        stage_times: list[float] = []
-        for _ in range(stage_epochs):
-            keys = train_lib._step_keys(seed, epoch, steps_per_epoch)  # fit's dropout keys
-            pending = []
-            for i, batch in enumerate(batches(train, batch_size, seed=seed, epoch=epoch)):
-                if measure_flops and len(flops) == stage:
-                    mask = step_fn.phased.mask_for(params, opt_state)
-                    args = (params, opt_state, model_state, batch, keys[i])
-                    flops.append(step_fn.phased.flops(mask, *args))
-                c0 = step_fn.phased.compile_time_s
-                t0 = time.perf_counter()
-                out = step_fn(params, opt_state, model_state, batch, keys[i])
-                jax.block_until_ready(out)
-                compiled = step_fn.phased.compile_time_s - c0
-                elapsed = time.perf_counter() - t0 - compiled
-                params, opt_state, model_state, metrics = out
-                train_time += elapsed
-                if not compiled:
-                    stage_times.append(1e3 * elapsed)
-                pending.append(metrics)
-                global_step += 1
-            epoch += 1
-            got = jax.device_get(pending)
-            ev = train_lib.evaluate(model, params, model_state, test)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "stage": stage,
-                "step": global_step,
-                "train_time_s": train_time,
-                "train_loss": float(np.mean([m["loss"] for m in got])),
-                "train_accuracy": float(np.mean([m["accuracy"] for m in got])),
-                "test_loss": ev["loss"],
-                "test_accuracy": ev["accuracy"],
-            }
-            lra = optax.tree_utils.tree_get(opt_state, "ratios")
+        if measure_flops:  # compiles this stage's first program (counted as the stage's)
+            batch = next(iter(batches(train, batch_size, seed=seed, epoch=epoch)))
+            mask = step_fn.phased.mask_for(params, opt_state)
+            flops.append(
+                step_fn.phased.flops(
+                    mask, params, opt_state, model_state, batch, jax.random.PRNGKey(seed)
+                )
+            )
+
+        def stage_row(e: int, res: train_lib.FitResult, stage=stage, step0=global_step,
+                      time0=train_time) -> None:  # fmt: skip
+            row: dict[str, Any] = {"stage": stage, **res.history[-1]}
+            row["step"] += step0
+            row["train_time_s"] += time0
+            lra = optax.tree_utils.tree_get(res.opt_state, "ratios")
             if lra is not None:
                 row["lra_ratios"] = [float(r) for r in np.ravel(lra)]
             history.append(row)
-            _log.info("epoch %d stage %d: %s", epoch, stage, row)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
+                on_epoch_end(e, row)
+
+        res = train_lib.fit(
+            model, tx, train, test, epochs=stage_epochs, batch_size=batch_size, seed=seed,
+            params=params, model_state=model_state, opt_state=opt_state, epoch_offset=epoch,
+            train_step=step_fn, on_epoch_end=stage_row,
+        )  # fmt: skip
+        params, model_state, opt_state = res.params, res.model_state, res.opt_state
+        epoch += stage_epochs
+        global_step += res.steps
+        train_time += res.train_time_s
         compiles.append(step_fn.phased.num_compiles - n_before)
         compile_time += step_fn.phased.compile_time_s - t_before
-        steps.append(stage_epochs * steps_per_epoch)
-        times.append(stage_times)
+        steps.append(res.steps)
+        times.append([t for ts in res.step_times_ms.values() for t in ts])
     return GrownFitResult(
         params=params,
         model_state=model_state,

@@ -147,6 +147,7 @@ class TrainStep:
       phased: the underlying :class:`~optax_multirate.phases.PhasedStep` (``masks``,
         ``last_mask``, ``compile_time_s``, ``num_compiles``, ``flops``).
       model: the Flax model.
+      tx: the optax transformation it was built for.
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class TrainStep:
                 return extra_args_fn(aux[1])
 
         self.model = model
+        self.tx = tx
         self.phased = PhasedStep(
             classification_loss(model),
             tx,
@@ -591,6 +593,8 @@ def fit(
     jit: bool = True,
     desc: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    epoch_offset: int = 0,
+    train_step: TrainStep | None = None,
 ) -> FitResult:
     """Trains a classifier for ``epochs`` epochs and evaluates it after each.
 
@@ -639,6 +643,12 @@ def fit(
         sharded over its ``"data"`` axis; params, model state and optimizer state are
         replicated (leaves already sharded on ``mesh`` keep their sharding). The results equal
         a single-device run's within float tolerance; see ``docs/scaling.md``.
+      epoch_offset: this call's epoch ``e`` is epoch ``e + epoch_offset`` of a longer run: its
+        batches, dropout keys and history numbering (one call per stage of a grown run, as in
+        :func:`~optax_multirate.growing.fit_grown`, sees the data of one long run).
+      train_step: a :class:`TrainStep` to reuse, built for this ``model`` and ``tx`` (its
+        compiled programs carry over between calls; ``dispatch``, ``extra_args_fn`` and
+        ``jit`` are then its own). The result's compile figures count this call's compiles.
 
     Returns:
       A :class:`FitResult`.
@@ -651,6 +661,15 @@ def fit(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if isinstance(epoch_offset, bool) or not isinstance(epoch_offset, int) or epoch_offset < 0:
+        raise ValueError(f"epoch_offset must be an int >= 0, got {epoch_offset!r}")
+    if train_step is not None and not (
+        isinstance(train_step, TrainStep) and train_step.model == model and train_step.tx is tx
+    ):
+        raise ValueError(
+            "train_step must be a TrainStep built for this model and tx "
+            f"(make_train_step(model, tx, ...)), got {train_step!r}"
+        )
     steps_per_epoch = num_batches(train, batch_size)  # validates batch_size
     if max_to_keep < 2:
         raise ValueError(f"max_to_keep must be >= 2, got {max_to_keep!r}")
@@ -676,7 +695,10 @@ def fit(
     if mesh is not None:
         opt_state = parallel.place(opt_state, mesh)
 
-    step_fn = make_train_step(model, tx, dispatch=dispatch, extra_args_fn=extra_args_fn, jit=jit)
+    step_fn = train_step or make_train_step(
+        model, tx, dispatch=dispatch, extra_args_fn=extra_args_fn, jit=jit
+    )
+    compiles0, compile_time0 = step_fn.phased.num_compiles, step_fn.phased.compile_time_s
     history: list[dict[str, float]] = []
     step_times: dict[str, list[float]] = {}
     masks: dict[str, tuple[bool, ...] | None] = {}
@@ -704,6 +726,11 @@ def fit(
         params, model_state, opt_state = state["params"], state["model_state"], state["opt_state"]
         if mesh is not None:
             params, model_state, opt_state = parallel.place((params, model_state, opt_state), mesh)
+        if info.get("epoch_offset", 0) != epoch_offset:
+            raise ValueError(
+                f"the checkpoint in {str(checkpoint_dir)!r} was written with epoch_offset="
+                f"{info.get('epoch_offset', 0)!r}, this run has epoch_offset={epoch_offset!r}"
+            )
         global_step, start_epoch, start_batch = info["step"], info["epoch"], info["batch"]
         history, train_time = info["history"], info["train_time_s"]
         partial = info.get("partial", [0.0, 0.0, 0])
@@ -722,6 +749,7 @@ def fit(
             "history": history,
             "train_time_s": train_time,
             "seed": seed,
+            "epoch_offset": epoch_offset,
         }
         state = {"params": params, "model_state": model_state, "opt_state": opt_state}
         mgr.save(global_step, args=_save_args(state, info))
@@ -736,11 +764,11 @@ def fit(
             history=list(history),
             final_accuracy=final,
             train_time_s=train_time,
-            compile_time_s=step_fn.phased.compile_time_s,
+            compile_time_s=step_fn.phased.compile_time_s - compile_time0,
             step_times_ms={k: list(v) for k, v in step_times.items()},
             masks=dict(masks),
             steps=global_step,
-            num_compiles=step_fn.phased.num_compiles,
+            num_compiles=step_fn.phased.num_compiles - compiles0,
         )
 
     tb = _tensorboard_writer(tensorboard_dir)
@@ -758,11 +786,12 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs):
             first = start_batch if epoch == start_epoch else 0
-            keys = _step_keys(seed, epoch, steps_per_epoch)
-            step_extra = dict(extra(epoch, history) if callable(extra) else (extra or {}))
+            data_epoch = epoch + epoch_offset  # the epoch of the whole run
+            keys = _step_keys(seed, data_epoch, steps_per_epoch)
+            step_extra = dict(extra(data_epoch, history) if callable(extra) else (extra or {}))
             meter = _EpochMeter(*(partial if epoch == start_epoch else (0.0, 0.0, 0)))
             for index, batch in enumerate(
-                batches(train, batch_size, seed=seed, epoch=epoch, start_batch=first), first
+                batches(train, batch_size, seed=seed, epoch=data_epoch, start_batch=first), first
             ):
                 if max_steps is not None and global_step >= max_steps:
                     stopped = True
@@ -798,7 +827,7 @@ def fit(
                 break
             loss_sum, acc_sum, count = meter.sums()
             row = {
-                "epoch": epoch + 1,
+                "epoch": data_epoch + 1,
                 "step": global_step,
                 "train_time_s": train_time,
                 "train_loss": loss_sum / max(count, 1),
@@ -812,7 +841,7 @@ def fit(
             history.append(row)
             logger.info(
                 "epoch %d step %d: %s",
-                epoch + 1,
+                data_epoch + 1,
                 global_step,
                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "step")),
             )
@@ -826,7 +855,7 @@ def fit(
                 tb(global_step, {k: v for k, v in row.items() if k not in ("epoch", "step")})
             save(epoch + 1, 0)
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, result())
+                on_epoch_end(data_epoch + 1, result())
     finally:
         if bar is not None:
             bar.close()

@@ -168,6 +168,33 @@ def test_fit_rejects_bad_arguments(tmp_path):
 # ---------------------------------------------------------------------------------- checkpoint
 
 
+def test_fit_in_pieces_with_epoch_offset_equals_one_fit():
+    model = MLP((8,), num_classes=3, dropout=0.2)  # dropout: the keys must follow the offset
+    params, _ = tr.init_model(model, jax.random.PRNGKey(0), TRAIN.x[:1])
+    tx = _frozen_tx(params)
+    kw = dict(batch_size=16, seed=5)
+    whole = tr.fit(model, tx, TRAIN, TEST, epochs=3, **kw)
+    step = tr.make_train_step(model, tx)
+    first = tr.fit(model, tx, TRAIN, TEST, epochs=1, train_step=step, **kw)
+    seen = []
+    rest = tr.fit(
+        model, tx, TRAIN, TEST, epochs=2, epoch_offset=1, train_step=step,
+        params=first.params, model_state=first.model_state, opt_state=first.opt_state,
+        extra=lambda e, h: seen.append(e) or {}, **kw,
+    )  # fmt: skip
+    assert _equal(rest.params, whole.params) and _equal(rest.opt_state, whole.opt_state)
+    assert [h["epoch"] for h in rest.history] == [2, 3] and seen == [1, 2]
+    assert rest.history[-1]["test_accuracy"] == whole.history[-1]["test_accuracy"]
+    # the reused step compiled nothing new; each result counts its own call's compiles
+    assert first.num_compiles == len(step.phased.masks) and rest.num_compiles == 0
+    with pytest.raises(ValueError, match="epoch_offset must be an int >= 0"):
+        tr.fit(model, tx, TRAIN, TEST, epochs=1, epoch_offset=-1, **kw)
+    with pytest.raises(ValueError, match="train_step must be a TrainStep built for this"):
+        tr.fit(model, optax.sgd(0.1), TRAIN, TEST, epochs=1, train_step=step, **kw)
+    with pytest.raises(ValueError, match="train_step must be a TrainStep built for this"):
+        tr.fit(MLP((9,), num_classes=3), tx, TRAIN, TEST, epochs=1, train_step=step, **kw)
+
+
 def test_resume_mid_epoch_is_bitwise(tmp_path):
     model = BN_MLP
     params, _ = tr.init_model(model, jax.random.PRNGKey(0), TRAIN.x[:1])
