@@ -72,3 +72,22 @@ def test_max_pool_2x2_equals_flax_max_pool():
         g = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) ** 2))(x)
         gref = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), strides=(2, 2)) ** 2))(x)
         np.testing.assert_allclose(g, gref, rtol=1e-6)  # no ties in random data
+    # ties (small integers, relu zeros): the derivative goes to the window's first maximum, as
+    # flax's max_pool (XLA select-and-scatter) sends it; bitwise, in reverse and forward mode
+    rng = np.random.default_rng(1)
+    for shape in [(3, 8, 8, 2), (2, 7, 9, 3)]:
+        x = jnp.asarray(rng.integers(-1, 2, shape), jnp.float32)
+        x = jax.nn.relu(x)
+        flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+        ct = jnp.asarray(rng.standard_normal(flax_pool(x).shape), jnp.float32)
+        got = jax.vjp(max_pool_2x2, x)[1](ct)[0]
+        ref = jax.vjp(flax_pool, x)[1](ct)[0]
+        np.testing.assert_array_equal(got, ref)
+        t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        np.testing.assert_array_equal(
+            jax.jvp(max_pool_2x2, (x,), (t,))[1], jax.jvp(flax_pool, (x,), (t,))[1]
+        )
+    # jit, vmap and bf16 go through the rule
+    xb = jnp.asarray(rng.standard_normal((4, 2, 6, 6, 1)), jnp.bfloat16)
+    gb = jax.jit(jax.vmap(jax.grad(lambda v: max_pool_2x2(v).sum())))(xb)
+    assert gb.dtype == jnp.bfloat16 and float(gb.sum()) == 4 * 2 * 9
