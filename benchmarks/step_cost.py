@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +54,59 @@ def _models(quick: bool):
     }
 
 
-def _time_calls(fns: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Round-robin timing: each round runs every fn ``per_round`` times; returns ms per call."""
+def _time_rounds(
+    fns: dict, rounds: int, *, every: Mapping[str, int] | None = None, seed: int = 0
+) -> dict[str, list[float]]:
+    """Round-robin timing: each round calls every fn once, in a fresh random order.
+
+    Returns ms per call per round; ``every={name: n}`` times ``name`` only every n-th round
+    (nan in the others), for programs too slow to time in every round. Ratios are taken per
+    round (:func:`harness.paired_ratio`), so drift in the machine's speed cancels.
+    """
+    every = dict(every or {})
     out = {k: [] for k in fns}
     for fn in fns.values():  # warm up (compiles happen here, not in the timings)
         jax.block_until_ready(fn())
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn())
-                out[name].append((time.perf_counter() - t0) * 1e3)
+    order = np.random.default_rng(seed)
+    names = list(fns)
+    for r in range(rounds):
+        for name in order.permutation(names):
+            if r % every.get(name, 1):
+                out[name].append(float("nan"))
+                continue
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name]())
+            out[name].append((time.perf_counter() - t0) * 1e3)
     return out
 
 
-def measure(name: str, model, x: np.ndarray, y: np.ndarray, rounds: int, per_round: int) -> dict:
+def _chained(step, params, opt_state, args, n: int):
+    """``n`` steps threaded through params and state, blocked once at the end (the training
+    loop's shape: a plain jitted step may run ahead, a phased one reads its phases each step).
+    Timed per call of the returned function; the figure is divided by ``n``."""
+
+    def run():
+        p, s = params, opt_state
+        for _ in range(n):
+            out = step(p, s, *args)
+            p, s = out.params, out.opt_state
+        return p
+
+    return run
+
+
+# (summary key, numerator arm, denominator arm)
+RATIOS = (
+    ("head_only_time_ratio", "head_only", "full"),
+    ("bias_only_time_ratio", "bias_only", "full"),
+    ("dispatch_overhead_ratio", "host_all_true", "plain"),
+    ("loop_dispatch_overhead_ratio", "host_loop", "plain_loop"),
+    ("host_dispatch_only_ratio", "host_all_true", "full"),
+    ("switch_full_time_ratio", "switch_full", "full"),
+)
+
+
+def measure(name: str, model, x: np.ndarray, y: np.ndarray, rounds: int, loop_steps: int) -> dict:
     rng = jax.random.key(0)
     params, model_state = init_model(model, rng, x[:1])
     loss = classification_loss(model)
@@ -104,85 +143,111 @@ def measure(name: str, model, x: np.ndarray, y: np.ndarray, rounds: int, per_rou
     fns = {f"{k}": (lambda p=prog: p(params, opt_state, args, {})) for k, prog in progs.items()}
     fns["plain"] = lambda: plain(params, plain_state, *args)
     fns["host_all_true"] = lambda: host(params, opt_state, *args)
+    fns["plain_loop"] = _chained(plain, params, plain_state, args, loop_steps)
+    fns["host_loop"] = _chained(host, params, opt_state, args, loop_steps)
     fns["switch_full"] = lambda: switch(params, opt_state, *args)
-    times = _time_calls(fns, rounds, per_round)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    # the switch program is many times slower on XLA CPU: timed every 4th round
+    times = _time_rounds(fns, rounds, every={"switch_full": 4})
+    for k in ("plain_loop", "host_loop"):
+        times[k] = [t / loop_steps for t in times[k]]
+    med = {k: harness.median_ms(t for t in v if not np.isnan(t)) for k, v in times.items()}
     row = {
         "model": name,
         "params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
         "flops": flops,
         "median_ms": med,
-        "head_only_time_ratio": med["head_only"] / med["full"],
+        "times_ms": times,
         "head_only_flop_ratio": flops["head_only"] / flops["full"],
-        "bias_only_time_ratio": med["bias_only"] / med["full"],
         "bias_only_flop_ratio": flops["bias_only"] / flops["full"],
-        "dispatch_overhead_ratio": med["host_all_true"] / med["plain"],
-        # the same compiled program called directly: the cost of host dispatch alone
-        "host_dispatch_only_ratio": med["host_all_true"] / med["full"],
-        "switch_full_time_ratio": med["switch_full"] / med["full"],
         "compile_time_s": host.compile_time_s,
     }
+    for key, a, b in RATIOS:
+        row[key], row[key + "_ci_low"], row[key + "_ci_high"] = harness.paired_ratio(
+            times[a], times[b]
+        )
     log.info("%s: %s", name, {k: v for k, v in row.items() if k.endswith("ratio")})
     return row
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = harness.parser("step_cost", __doc__)
-    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (round-robin)")
-    args = ap.parse_args(argv)
+    def flags(p):
+        p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 60)")
+        p.add_argument("--loop-steps", type=int, default=None, help="steps per chained call")
+        p.add_argument(
+            "--models", default="mlp,cnn,resnet", help="comma-separated subset of mlp,cnn,resnet"
+        )
+
+    args, _ = harness.start("step_cost", __doc__, argv, full_seeds=1, add_flags=flags)
     quick = args.quick
-    rounds = args.rounds or (2 if quick else 12)
-    per_round = 2 if quick else 5
+    rounds = args.rounds or (2 if quick else 60)
+    loop_steps = args.loop_steps or (2 if quick else 4)
     rng = np.random.default_rng(0)
     x = rng.random((128, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 128).astype(np.int32)
     runs = []
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not chosen or set(chosen) - set(_models(quick)):
+        raise ValueError(f"--models must name some of mlp, cnn, resnet, got {args.models!r}")
     for name, model in _models(quick).items():
-        runs.append(measure(name, model, x, y, rounds, per_round))
+        if name in chosen:
+            runs.append(measure(name, model, x, y, rounds, loop_steps))
     by = {r["model"]: r for r in runs}
-    keys = [
-        "head_only_time_ratio",
-        "head_only_flop_ratio",
-        "bias_only_time_ratio",
-        "bias_only_flop_ratio",
-        "dispatch_overhead_ratio",
-    ]
-    summary = {}
+    summary: dict = {}
     for prefix, model in (("", "cnn"), ("mlp_", "mlp"), ("resnet_", "resnet")):
-        for k in keys:
-            summary[prefix + k] = round(by[model][k], 4)
-        summary[prefix + "switch_full_time_ratio"] = round(by[model]["switch_full_time_ratio"], 4)
-        summary[prefix + "host_dispatch_only_ratio"] = round(
-            by[model]["host_dispatch_only_ratio"], 4
-        )
-        summary[prefix + "full_step_ms"] = round(by[model]["median_ms"]["full"], 3)
-    for prefix, model in (("", "cnn"), ("resnet_", "resnet")):
+        if model not in by:
+            continue
+        r = by[model]
+        for key, _, _ in RATIOS:
+            for suffix in ("", "_ci_low", "_ci_high"):
+                summary[prefix + key + suffix] = round(r[key + suffix], 4)
         for k in ("head_only", "bias_only"):
-            r = by[model]
-            summary[f"{prefix}{k}_time_over_flop_ratio"] = round(
-                r[f"{k}_time_ratio"] / r[f"{k}_flop_ratio"], 4
-            )
+            summary[f"{prefix}{k}_flop_ratio"] = round(r[f"{k}_flop_ratio"], 4)
+        summary[prefix + "full_step_ms"] = round(r["median_ms"]["full"], 3)
+    for prefix, model in (("", "cnn"), ("resnet_", "resnet")):
+        if model not in by:
+            continue
+        r = by[model]
+        for k in ("head_only", "bias_only"):
+            for suffix in ("", "_ci_low", "_ci_high"):
+                summary[f"{prefix}{k}_time_over_flop_ratio{suffix}"] = round(
+                    r[f"{k}_time_ratio{suffix}"] / r[f"{k}_flop_ratio"], 4
+                )
+        # the issue's goal, on the point estimates
+        summary[f"{prefix}goal_met"] = bool(
+            r["head_only_time_ratio"] / r["head_only_flop_ratio"] <= 1.1
+            and r["bias_only_time_ratio"] / r["bias_only_flop_ratio"] <= 1.1
+            and r["dispatch_overhead_ratio"] <= 1.02
+        )
+
+    def ci(r, key):
+        return f"{r[key]:.3f} [{r[key + '_ci_low']:.3f}, {r[key + '_ci_high']:.3f}]"
+
     lines = [
-        "| model | params | full ms | head-only ms | bias-only ms | plain ms | host all-true ms "
-        "| switch (full phase) ms | head-only time / FLOP ratio | bias-only time / FLOP ratio "
-        "| dispatch overhead |",
+        "Medians of per-round paired ratios, 95% order-statistic interval in brackets.",
+        "",
+        "| model | params | full ms | head-only ms | bias-only ms | plain ms "
+        "| head-only time / FLOP ratio | bias-only time / FLOP ratio | dispatch overhead "
+        "| dispatch overhead, chained loop | switch / host (full phase) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         m = r["median_ms"]
         lines.append(
             f"| {r['model']} | {r['params']:,} | {m['full']:.2f} | {m['head_only']:.2f} | "
-            f"{m['bias_only']:.2f} | {m['plain']:.2f} | {m['host_all_true']:.2f} | "
-            f"{m['switch_full']:.2f} | {r['head_only_time_ratio']:.3f} / "
-            f"{r['head_only_flop_ratio']:.3f} | {r['bias_only_time_ratio']:.3f} / "
-            f"{r['bias_only_flop_ratio']:.3f} | {r['dispatch_overhead_ratio']:.3f} |"
+            f"{m['bias_only']:.2f} | {m['plain']:.2f} | "
+            f"{ci(r, 'head_only_time_ratio')} / {r['head_only_flop_ratio']:.3f} | "
+            f"{ci(r, 'bias_only_time_ratio')} / {r['bias_only_flop_ratio']:.3f} | "
+            f"{ci(r, 'dispatch_overhead_ratio')} | {ci(r, 'loop_dispatch_overhead_ratio')} | "
+            f"{r['switch_full_time_ratio']:.2f} |"
         )
     config = {
         "batch_size": 128,
         "input_shape": [28, 28, 1],
         "optimizer": "sgd(0.01, momentum=0.9)",
         "rounds": rounds,
-        "steps_per_round": per_round,
+        "timing": "each round calls every program once in a random order (the switch program "
+        "every 4th round); ratios are medians of per-round ratios",
+        "loop_steps": loop_steps,
         "models": {k: repr(v) for k, v in _models(quick).items()},
     }
     harness.write_results(
@@ -198,5 +263,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    harness.setup_logging()
     main()
