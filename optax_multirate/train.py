@@ -504,13 +504,24 @@ class FitResult:
 
 
 def _tensorboard_writer(logdir: str | os.PathLike[str] | None):
+    """``write(step, scalars)`` into ``logdir`` with tensorboardX or TensorFlow (None: off).
+
+    Raises:
+      ImportError: if ``logdir`` is given and neither is installed.
+    """
     if logdir is None:
         return None
     if importlib.util.find_spec("tensorboardX") is not None:
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(logdir))
-        return lambda step, scalars: [writer.add_scalar(k, v, step) for k, v in scalars.items()]
+
+        def write(step, scalars):
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+
+        return write
     if importlib.util.find_spec("tensorflow") is not None:
         import tensorflow as tf
 
@@ -523,8 +534,10 @@ def _tensorboard_writer(logdir: str | os.PathLike[str] | None):
             writer.flush()
 
         return write
-    logger.debug("tensorboard_dir given but neither tensorboardX nor tensorflow is installed")
-    return None
+    raise ImportError(
+        f"tensorboard_dir={str(logdir)!r} needs tensorboardX or tensorflow, and neither is "
+        "installed: pip install tensorboardX (or pass tensorboard_dir=None)"
+    )
 
 
 def _append_csv(path: pathlib.Path, row: Mapping[str, Any]) -> None:
@@ -626,8 +639,8 @@ def fit(
       val: optional validation split, evaluated after every epoch.
       progress: show a tqdm progress bar.
       log_csv: append one row per epoch to this CSV file.
-      tensorboard_dir: write scalars there if ``tensorboardX`` or ``tensorflow`` is installed
-        (silently skipped otherwise).
+      tensorboard_dir: write each epoch's scalars there (needs ``tensorboardX`` or
+        ``tensorflow``; an ImportError before training if neither is installed).
       on_epoch_end: ``callback(epoch, result_so_far)`` after each epoch's evaluation.
       checkpoint_dir: save ``(params, model_state, opt_state)`` and the data position (step,
         epoch, batch) there with orbax after every epoch (and every
@@ -658,6 +671,7 @@ def fit(
         ``checkpoint_every_steps`` or ``max_steps``, ``resume`` without ``checkpoint_dir``, a
         ``checkpoint_dir`` that holds checkpoints without ``resume``, or a checkpoint whose
         tree differs from this run's (the message names the paths).
+      ImportError: for a ``tensorboard_dir`` without tensorboardX or tensorflow installed.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -684,6 +698,7 @@ def fit(
             f"batch_size must divide by the mesh's {mesh.devices.size} devices, got {batch_size!r}"
         )
 
+    tb = _tensorboard_writer(tensorboard_dir)  # fails here, before any work, if unusable
     if params is None or model_state is None:
         p0, s0 = init_model(model, jax.random.PRNGKey(seed), train.x[:1])
         params = p0 if params is None else params
@@ -771,7 +786,6 @@ def fit(
             num_compiles=step_fn.phased.num_compiles - compiles0,
         )
 
-    tb = _tensorboard_writer(tensorboard_dir)
     csv_path = pathlib.Path(log_csv) if log_csv is not None else None
     total = epochs * steps_per_epoch
     if max_steps is not None:

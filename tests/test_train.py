@@ -142,6 +142,50 @@ def test_fit_history_metrics_and_logs(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
 
+def test_fit_writes_tensorboard_scalars_or_refuses(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    written, flushed = [], []
+
+    class SummaryWriter:  # records what fit writes, as tensorboardX's writer would take it
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            written.append((self.logdir, tag, value, step))
+
+        def flush(self):
+            flushed.append(len(written))
+
+    fake = types.ModuleType("tensorboardX")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    model = MLP((8,), num_classes=3)
+    res = tr.fit(model, optax.sgd(0.1), TRAIN, TEST, epochs=2, batch_size=16, seed=0,
+                 tensorboard_dir=tmp_path / "tb")  # fmt: skip
+    tags = {"train_time_s", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    assert {t for _, t, _, _ in written} == tags
+    assert {d for d, _, _, _ in written} == {str(tmp_path / "tb")}
+    assert sorted({s for _, _, _, s in written}) == [6, 12]  # the global step of each epoch
+    last = {t: v for _, t, v, s in written if s == 12}
+    assert last["test_accuracy"] == res.history[-1]["test_accuracy"]
+    assert flushed == [len(tags), 2 * len(tags)]  # flushed after every epoch
+
+    # neither tensorboardX nor tensorflow: a clear error before any training
+    real_find_spec = importlib.util.find_spec
+    hidden = ("tensorboardX", "tensorflow")
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name in hidden else real_find_spec(name, *a),
+    )  # fmt: skip
+    with pytest.raises(ImportError, match="tensorboard_dir=.*pip install tensorboardX"):
+        tr.fit(model, optax.sgd(0.1), TRAIN, TEST, epochs=1, batch_size=16, seed=0,
+               tensorboard_dir=tmp_path / "tb2")  # fmt: skip
+
+
 def test_fit_rejects_bad_arguments(tmp_path):
     model = MLP((4,), num_classes=3)
     tx = optax.sgd(0.1)
