@@ -84,11 +84,13 @@ class AllConvCNN(nn.Module):
     """3x3 convolutions with strides instead of max-pooling, flattened into the head.
 
     Names follow ``optax_multirate.models.CNN`` (``Conv_i``, ``BatchNorm_i``, ``head``). Why
-    not that CNN: its 2x2 max-pool backward (XLA's select-and-scatter) dominates the step on
-    CPU and a bias-only step needs it as much as a full one, so there the bias-only step cost
-    0.84-0.94 of a full one, against 0.64-0.72 (near the 2/3 FLOP ratio) with strided
-    convolutions; see the docs page. Flattening (not average pooling) keeps the digit's
-    layout: it trains to a plateau within the epoch budget.
+    not that CNN: when this benchmark was written, its 2x2 max-pool backward dominated the
+    step on CPU and a bias-only step needs it as much as a full one, so there the bias-only
+    step cost 0.84-0.94 of a full one, against 0.64-0.72 (near the 2/3 FLOP ratio) with
+    strided convolutions. ``models.max_pool_2x2`` has since a cheap derivative rule (the
+    ``maxpool_cnn`` rows of the results); this model stays so that runs remain comparable.
+    Flattening (not average pooling) keeps the digit's layout: it trains to a plateau within
+    the epoch budget.
 
     Attributes:
       features: output channels of each convolution.
@@ -441,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
     load = {"before": os.getloadavg()}
     costs = {name: _keep_costs(m, train, 5 if args.quick else 60) for name, m in models.items()}
-    if not args.quick:  # the library's max-pool CNN, for comparison (why it is not used)
+    if not args.quick:  # the library's max-pool CNN, for comparison
         maxpool = CNN(features=(32, 64), num_classes=data.num_classes)
         costs["maxpool_cnn"] = _keep_costs(maxpool, train, 10)
     runs: list[dict] = []
