@@ -28,6 +28,7 @@ import pathlib
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -335,14 +336,38 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def git_commit() -> str:
+    """The checkout's commit, ``+dirty`` if tracked code differs from it, or ``"unknown"``.
+
+    Results files (``benchmarks/results``) do not count as dirty: a run writes them.
+    """
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+        )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return "unknown"
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                     ":(exclude)benchmarks/results")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def versions() -> dict[str, str]:
-    """Versions of jax, jaxlib, optax, flax, numpy and optax_multirate."""
+    """Versions of jax, jaxlib, optax, flax, numpy and optax_multirate, and the git commit."""
     out = {}
     for dist in ("jax", "jaxlib", "optax", "flax", "numpy", "optax-multirate"):
         try:
             out[dist.replace("-", "_")] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist.replace("-", "_")] = "not installed"
+    out["git_commit"] = git_commit()
     return out
 
 

@@ -4,6 +4,7 @@ import argparse
 import doctest
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -94,7 +95,9 @@ def test_median_mean_std_and_metadata():
     assert harness.median_ms([5.0, 1.0, 3.0]) == 3.0
     assert math.isnan(harness.median_ms([]))
     assert harness.mean_std([2.0]) == (2.0, 0.0)
-    assert set(harness.versions()) == {"jax", "jaxlib", "optax", "flax", "numpy", "optax_multirate"}
+    v = harness.versions()
+    assert set(v) == {"jax", "jaxlib", "optax", "flax", "numpy", "optax_multirate", "git_commit"}
+    assert v["git_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", v["git_commit"])
     assert {"device", "cores", "platform"} <= set(harness.machine_info())
     assert harness.command_line(["--seeds", "3"], "baseline") == (
         "python -m benchmarks.baseline --seeds 3"
