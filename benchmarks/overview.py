@@ -36,6 +36,8 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "bias_only_time_ratio",
             "bias_only_flop_ratio",
             "dispatch_overhead_ratio",
+            "goal_met",
+            "resnet_goal_met",
         ),
         "time/FLOP ratio <= 1.1 (CNN, ResNet); dispatch overhead <= 1.02",
     ),
