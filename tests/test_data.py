@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -190,6 +191,21 @@ def test_prepare_never_deletes_existing_folder(tmp_path: pathlib.Path) -> None:
         data.prepare_dataset("digits", data_dir=tmp_path)
     assert (stale / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".*.incomplete"))
+
+
+def test_build_in_hashed_order_is_refused(
+    data_dirs: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    # A build whose dataset_info.json lacks disableShuffling (as a development version of the
+    # builders wrote) stores the same examples in TFDS's hashed order: refuse it, keep it.
+    shutil.copytree(data_dirs[0] / "digits", tmp_path / "digits")
+    info_path = tmp_path / "digits" / "1.0.0" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    assert info.pop("disableShuffling") is True
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(RuntimeError, match="not in the documented order.*remove that folder"):
+        data.load_dataset("digits", data_dir=tmp_path)
+    assert json.loads(info_path.read_text()) == info
 
 
 def test_unknown_name_lists_embedded_and_prepared(

@@ -28,6 +28,7 @@ else the environment variable ``OPTAX_MULTIRATE_DATA_DIR``, else
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -340,6 +341,24 @@ def _is_prepared(path: pathlib.Path) -> bool:
     return (path / "dataset_info.json").is_file()
 
 
+def _check_record_order(name: str, path: pathlib.Path) -> None:
+    """Refuses a finished build whose records are not stored in the documented order.
+
+    TFDS records ``disableShuffling`` in ``dataset_info.json``; a build without it (one made
+    by a development version of these builders, or copied from elsewhere) holds the same
+    examples in a hashed order, so seeded runs on it give other numbers than the documented
+    order does. The folder is left untouched.
+    """
+    info = json.loads((path / "dataset_info.json").read_text())
+    if not info.get("disableShuffling", False):
+        raise RuntimeError(
+            f"{path} holds a build of {name} whose records were shuffled by TFDS (no "
+            "disableShuffling in its dataset_info.json), so they are not in the documented "
+            "order and seeded results would not match; it was left untouched: remove that "
+            "folder and load again to rebuild it"
+        )
+
+
 def prepare_dataset(
     name: str, *, data_dir: str | os.PathLike[str] | None = None
 ) -> tfds.core.DatasetBuilder:
@@ -359,8 +378,9 @@ def prepare_dataset(
 
     Raises:
         ValueError: If ``name`` is not an embedded data set.
-        RuntimeError: If the target folder exists but does not hold a finished build (it is left
-            untouched; remove it by hand).
+        RuntimeError: If the target folder exists but does not hold a finished build, or holds
+            one whose records are not in the documented order (it is left untouched; remove it
+            by hand).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown embedded data set {name!r}; expected one of {EMBEDDED_DATASETS}")
@@ -369,6 +389,7 @@ def prepare_dataset(
     builder = cls(data_dir=os.fspath(root), file_format=_FILE_FORMAT)
     target = pathlib.Path(builder.data_path)
     if _is_prepared(target):
+        _check_record_order(name, target)
         return builder
 
     root.mkdir(parents=True, exist_ok=True)
