@@ -336,12 +336,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
+def git_commit(root: str | os.PathLike[str] | None = None) -> str:
     """The checkout's commit, ``+dirty`` if tracked code differs from it, or ``"unknown"``.
 
-    Results files (``benchmarks/results``) do not count as dirty: a run writes them.
+    Results files (``benchmarks/results``) and prose (``docs/*.md``, ``README.md``) do not
+    count as dirty: a run writes the first, and editing the second between the runs of a batch
+    changes no figure. ``docs/conf.py`` and anything else still counts.
+
+    Args:
+        root: The checkout; defaults to the one this module is in.
     """
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[1] if root is None else pathlib.Path(root)
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -353,7 +358,8 @@ def git_commit() -> str:
         if head.returncode:
             return "unknown"
         status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                     ":(exclude)benchmarks/results")  # fmt: skip
+                     ":(exclude)benchmarks/results", ":(exclude)docs/*.md",
+                     ":(exclude)README.md")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")

@@ -99,7 +99,7 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "mnist1d_configs_tried",
             "mnist1d_best_schedule_configs_tried",
         ),
-        ">= -0.3 pt vs the best schedule on >= 2 of 3 sets, with fewer configs",
+        ">= -0.3 pt vs the best schedule on >= 2 of 3 sets, with no more configs",
     ),
     "growing": (
         "growing networks (Yuan, Savarese & Maire)",

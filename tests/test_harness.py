@@ -5,6 +5,7 @@ import doctest
 import json
 import math
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -89,6 +90,30 @@ def test_paired_ratio_is_median_of_per_round_ratios():
         harness.paired_ratio([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="no pair"):
         harness.paired_ratio([math.nan], [1.0])
+
+
+def test_git_commit_dirty_counts_code_not_prose_or_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    paths = ("pkg/a.py", "docs/page.md", "docs/conf.py", "README.md", "benchmarks/results/r.json")
+    for path in paths:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = harness.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    for path in ("docs/page.md", "README.md", "benchmarks/results/r.json"):
+        (tmp_path / path).write_text("1")
+    (tmp_path / "untracked.py").write_text("1")
+    assert harness.git_commit(tmp_path) == clean
+    for path in ("pkg/a.py", "docs/conf.py"):
+        (tmp_path / path).write_text("1")
+        assert harness.git_commit(tmp_path) == clean + "+dirty", path
+        git("checkout", "--", path)
+    assert harness.git_commit(tmp_path / "no_such_dir") == "unknown"
 
 
 def test_median_mean_std_and_metadata():
