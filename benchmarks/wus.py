@@ -27,6 +27,7 @@ a tiny CNN, 1 seed, 6 epochs: the code path only).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -157,8 +158,16 @@ def _random_windows(
     return tuple(sorted(opens))
 
 
-def _keep_costs(model, train: Split, reps: int) -> dict[str, Any]:
-    """FLOPs and interleaved median step times of the full and the window programs."""
+def _keep_costs(
+    model, train: Split, reps: int, wus_tx: optax.GradientTransformation | None = None
+) -> dict[str, Any]:
+    """FLOPs and interleaved median step times of the full and the window programs.
+
+    With ``wus_tx``, two more timings split the WUS step's overhead over the plain step (the
+    ``wrapper_overhead_ratio`` of the training runs): ``wus_program``, the WUS step's program
+    in its full phase called directly (the in-graph gate and monitor), and ``wus_call``, the
+    same step through host dispatch (plus reading the phase and looking the program up).
+    """
     x = train.x[:BATCH_SIZE]
     params, model_state = init_model(model, jax.random.PRNGKey(0), x[:1])
     paths = om.labels.leaf_paths(params)
@@ -178,23 +187,38 @@ def _keep_costs(model, train: Split, reps: int) -> dict[str, Any]:
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(train.y[:BATCH_SIZE])}
     args = (model_state, batch, jax.random.PRNGKey(0))
     flops = {k: step.phased.flops(m, params, opt_state, *args) for k, m in masks.items()}
-    progs = {k: step.phased.program(m) for k, m in masks.items()}
-    for prog in progs.values():
-        jax.block_until_ready(prog(params, opt_state, args, {}))
-    times: dict[str, list[float]] = {k: [] for k in masks}
+    fns = {
+        k: functools.partial(step.phased.program(m), params, opt_state, args, {})
+        for k, m in masks.items()
+    }
+    if wus_tx is not None:
+        wstep = make_train_step(model, wus_tx, extra_args_fn=_value)
+        wstate = wus_tx.init(params)
+        assert wstep.phased.mask_for(params, wstate) == masks["full"]  # warmup: full phase
+        fns["wus_program"] = functools.partial(
+            wstep.phased.program(masks["full"]), params, wstate, args, {}
+        )
+        fns["wus_call"] = functools.partial(wstep.phased, params, wstate, *args)
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for k, prog in progs.items():
+        for k, fn in fns.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(prog(params, opt_state, args, {}))
+            jax.block_until_ready(fn())
             times[k].append(1e3 * (time.perf_counter() - t0))
     med = {k: harness.median_ms(v) for k, v in times.items()}
-    return {
+    out = {
         "last_biases_leaves": [p for p, m in zip(paths, masks["last_biases"]) if m],
         "flops": flops,
         "median_ms": med,
         "flop_ratio": {k: flops[k] / flops["full"] for k in masks},
         "time_ratio": {k: med[k] / med["full"] for k in masks},
     }
+    if wus_tx is not None:
+        out["wus_program_overhead_ratio"] = med["wus_program"] / med["full"]
+        out["wus_dispatch_overhead_ratio"] = med["wus_call"] / med["wus_program"]
+    return out
 
 
 class _Arm:
@@ -442,7 +466,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     load = {"before": os.getloadavg()}
-    costs = {name: _keep_costs(m, train, 5 if args.quick else 60) for name, m in models.items()}
+    costs = {}
+    for name, m in models.items():
+        params0, _ = init_model(m, jax.random.PRNGKey(0), train.x[:1])
+        wus_tx = wus(inner, wus_labels(params0), **defaults, accumulation_size=spe)
+        costs[name] = _keep_costs(m, train, 5 if args.quick else 60, wus_tx)
     if not args.quick:  # the library's max-pool CNN, for comparison
         maxpool = CNN(features=(32, 64), num_classes=data.num_classes)
         costs["maxpool_cnn"] = _keep_costs(maxpool, train, 10)
@@ -488,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary[prefix + "random_windows_time_ratio"] = s["random"]["time_ratio"]
         summary[prefix + "equal_time_accuracy_delta_pt"] = w["equal_time_accuracy_delta_pt"]
         summary[prefix + "wrapper_overhead_ratio"] = w["wrapper_overhead_ratio"]
+        c = costs[name]
+        summary[prefix + "wus_program_overhead_ratio"] = c["wus_program_overhead_ratio"]
+        summary[prefix + "wus_dispatch_overhead_ratio"] = c["wus_dispatch_overhead_ratio"]
     h = stats["cnn"]["wus_head"]
     summary["head_keep_time_ratio"] = h["time_ratio"]
     summary["head_keep_accuracy_delta_pt"] = h["accuracy_delta_pt"]
@@ -583,6 +614,25 @@ def _table(stats: dict, costs: dict, epochs: int, spe: int, summary: dict) -> st
                 f"| {name} | {k} | {c['flop_ratio'][k]:.3f} | {c['time_ratio'][k]:.3f} | "
                 f"{c['median_ms'][k]:.2f} |"
             )
+    lines += [
+        "",
+        "The WUS step's overhead over the plain step, split (same interleaved timing; the "
+        "WUS step in its full phase): its program called directly over the plain full program "
+        "(the in-graph gate and monitor), and the step through host dispatch over its program "
+        "called directly (reading the phase, looking the program up). Beside them, "
+        "`wrapper_overhead_ratio` from the training runs (full steps of WUS over the "
+        "baseline's):",
+        "",
+        "| model | program overhead | dispatch overhead | product | wrapper overhead (runs) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, prefix in (("cnn", ""), ("bn", "bn_")):
+        if name not in costs:
+            continue
+        a = summary[prefix + "wus_program_overhead_ratio"]
+        b = summary[prefix + "wus_dispatch_overhead_ratio"]
+        w = summary[prefix + "wrapper_overhead_ratio"]
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a * b:.3f} | {_fmt(w)} |")
     lines += [
         "",
         f"{epochs} epochs of {spe} steps, batch {BATCH_SIZE}. Schedule, per seed and model: "
