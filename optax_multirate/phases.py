@@ -13,7 +13,7 @@ fast-only multirate step, weights in a WUS window, frozen layers) says so in its
    ``set_phase(tag, next_phase)``.
 3. **Dispatch.** :class:`PhasedStep` finds every tag inside any optax state (``chain``,
    ``partition``, ``masked``, ``inject_hyperparams``, ``apply_if_finite``, ``MultiSteps``: they
-   keep inner states as pytree children), reads all phases with one ``jax.device_get``, ANDs
+   keep inner states as pytree children), reads their phases to the host, ANDs
    the tags' masks into one per-leaf "gradient needed" mask (a leaf a tag does not see is not
    constrained by it), and runs the step program compiled for that mask. The program
    differentiates the needed leaves only; the other leaves enter as ordinary traced arguments
@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -161,11 +162,14 @@ def find_tags(opt_state: Any) -> list[PhaseTag]:
 
 
 def read_phases(opt_state: Any) -> tuple[int, ...]:
-    """Current phase of each tag in ``opt_state`` (one device-to-host read)."""
-    tags = find_tags(opt_state)
-    if not tags:
-        return ()
-    return tuple(int(p) for p in jax.device_get([t.phase for t in tags]))
+    """Current phase of each tag in ``opt_state`` (a device-to-host read per tag).
+
+    Each scalar is read with ``np.asarray``, not ``jax.device_get``: on XLA CPU the latter,
+    called right before the step, delayed the step itself (see ``wus_dispatch_overhead_ratio``
+    in ``benchmarks/results/wus.json`` and the history of that file). A state has one to a
+    few tags, so the reads are few.
+    """
+    return tuple(int(np.asarray(t.phase)) for t in find_tags(opt_state))
 
 
 @functools.lru_cache(maxsize=4096)
