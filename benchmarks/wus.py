@@ -159,11 +159,12 @@ def _random_windows(
 
 
 def _keep_costs(
-    model, train: Split, reps: int, wus_tx: optax.GradientTransformation | None = None
+    model, train: Split, reps: int, wus_kwargs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """FLOPs and interleaved median step times of the full and the window programs.
 
-    With ``wus_tx``, two more timings split the WUS step's overhead over the plain step (the
+    With ``wus_kwargs`` (for ``wus(inner, wus_labels(params), **wus_kwargs)``, ``inner`` the
+    plain step's optimizer), two more timings split the WUS step's overhead over the plain step (the
     ``wrapper_overhead_ratio`` of the training runs): ``wus_program``, the WUS step's program
     in its full phase called directly (the in-graph gate and monitor), and ``wus_call``, the
     same step through host dispatch (plus reading the phase and looking the program up).
@@ -191,7 +192,8 @@ def _keep_costs(
         k: functools.partial(step.phased.program(m), params, opt_state, args, {})
         for k, m in masks.items()
     }
-    if wus_tx is not None:
+    if wus_kwargs is not None:
+        wus_tx = wus(tx, wus_labels(params), **wus_kwargs)
         wstep = make_train_step(model, wus_tx, extra_args_fn=_value)
         wstate = wus_tx.init(params)
         assert wstep.phased.mask_for(params, wstate) == masks["full"]  # warmup: full phase
@@ -215,7 +217,7 @@ def _keep_costs(
         "flop_ratio": {k: flops[k] / flops["full"] for k in masks},
         "time_ratio": {k: med[k] / med["full"] for k in masks},
     }
-    if wus_tx is not None:
+    if wus_kwargs is not None:
         out["wus_program_overhead_ratio"] = med["wus_program"] / med["full"]
         out["wus_dispatch_overhead_ratio"] = med["wus_call"] / med["wus_program"]
     return out
@@ -466,11 +468,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     load = {"before": os.getloadavg()}
-    costs = {}
-    for name, m in models.items():
-        params0, _ = init_model(m, jax.random.PRNGKey(0), train.x[:1])
-        wus_tx = wus(inner, wus_labels(params0), **defaults, accumulation_size=spe)
-        costs[name] = _keep_costs(m, train, 5 if args.quick else 60, wus_tx)
+    wus_kwargs = dict(defaults, accumulation_size=spe)
+    costs = {
+        name: _keep_costs(m, train, 5 if args.quick else 60, wus_kwargs)
+        for name, m in models.items()
+    }
     if not args.quick:  # the library's max-pool CNN, for comparison
         maxpool = CNN(features=(32, 64), num_classes=data.num_classes)
         costs["maxpool_cnn"] = _keep_costs(maxpool, train, 10)
