@@ -1,0 +1,162 @@
+"""Learning-rate adaptation per subnetwork of a grown network (LRA).
+
+:func:`growth_lr_adaptation` scales each element's update by ``r_b = N_b / N_0``, where ``N_b``
+is the norm of all kernel elements born in stage ``b``; :class:`GrowthLRAState` records each
+element's birth stage, which :func:`~optax_multirate.growing.grow` extends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_multirate import labels as labels_lib
+from optax_multirate.growing.schedule import _is_int
+
+__all__ = ["GrowthLRAState", "growth_lr_adaptation"]
+
+
+class GrowthLRAState(NamedTuple):
+    """State of :func:`growth_lr_adaptation`.
+
+    Attributes:
+      birth: int8 tree shaped like the params (int16 when ``num_stages > 127``): the stage in
+        which each element was born. :func:`grow` pads it with ``stage + 1``.
+      ratios: f32[S] (f32[L, S] with ``scope="per_layer"``, one row per kernel): the ratios
+        ``r_t`` applied by the last update.
+      lra_stale: bool[]: recompute the ratios at the next update (``refresh="stage"``).
+    """
+
+    birth: Any
+    ratios: jax.Array
+    lra_stale: jax.Array
+
+
+def _is_kernel(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def growth_lr_adaptation(
+    num_stages: int,
+    *,
+    refresh: str = "step",
+    scope: str = "global",
+    apply_to: str = "kernels",
+    eps: float = 1e-12,
+    clip: tuple[float, float] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Learning-rate adaptation per subnetwork: scales each update by its birth stage's ratio.
+
+    With ``b(e)`` the stage in which element ``e`` was born,
+
+    .. math::
+      N_t = \sqrt{\textstyle\sum_{e \in \text{kernels},\, b(e) = t} w_e^2}, \qquad
+      r_t = N_t / N_0, \qquad u_e \leftarrow r_{b(e)}\, u_e .
+
+    A stage with no elements gets ``r_t = 1``. Place it after the base optimizer (equivalent to
+    PyTorch per-group learning rates), e.g.
+    ``chain(add_decayed_weights(5e-4), trace(0.9), scale_by_schedule(cos), this, scale(-1))``.
+    ``num_stages`` shapes the state: pass it in ``static_args`` under ``inject_hyperparams``.
+
+    Args:
+      num_stages: number of stages ``S`` (>= 1).
+      refresh: ``"step"`` (recompute ``r`` every update) or ``"stage"`` (freeze ``r`` at the
+        first update of each stage; :func:`grow` marks the state stale).
+      scope: ``"global"`` (one norm per stage over all kernels) or ``"per_layer"`` (per kernel).
+      apply_to: ``"kernels"`` (scale kernel updates only) or ``"all"`` (biases and batch-norm
+        leaves follow the stage of their unit; needs ``scope="global"``).
+      eps: floor of ``N_0^2`` (> 0).
+      clip: optional ``(lo, hi)`` with ``0 < lo <= hi`` bounding each ``r_t``.
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
+
+    Raises:
+      ValueError: for ``num_stages < 1``, an unknown ``refresh``/``scope``/``apply_to``,
+        ``eps <= 0``, a bad ``clip``, and in ``update`` when ``params`` is None.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> tx = growth_lr_adaptation(2)
+      >>> p = {"kernel": jnp.array([3.0, 4.0])}
+      >>> s = tx.init(p)
+      >>> s = s._replace(birth={"kernel": jnp.array([0, 1], jnp.int8)})
+      >>> u, s = tx.update({"kernel": jnp.ones(2)}, s, p)
+      >>> print(f"{float(u['kernel'][1]):.4f}")
+      1.3333
+    """
+    if not (_is_int(num_stages) and num_stages >= 1):
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    if refresh not in ("step", "stage"):
+        raise ValueError(f"refresh must be 'step' or 'stage', got {refresh!r}")
+    if scope not in ("global", "per_layer"):
+        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    if apply_to not in ("kernels", "all"):
+        raise ValueError(f"apply_to must be 'kernels' or 'all', got {apply_to!r}")
+    if apply_to == "all" and scope != "global":
+        raise ValueError(f"apply_to='all' needs scope='global', got scope={scope!r}")
+    if not isinstance(eps, jax.core.Tracer) and not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if clip is not None and not (
+        isinstance(clip, tuple) and len(clip) == 2 and 0 < clip[0] <= clip[1]
+    ):
+        raise ValueError(f"clip must be None or (lo, hi) with 0 < lo <= hi, got {clip!r}")
+    num = num_stages
+    bdtype = jnp.int8 if num <= 127 else jnp.int16
+
+    def init_fn(params: optax.Params) -> GrowthLRAState:
+        birth = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bdtype), params)
+        n = sum(map(_is_kernel, labels_lib.leaf_paths(params)))
+        shape = (num,) if scope == "global" else (n, num)
+        return GrowthLRAState(birth, jnp.ones(shape, jnp.float32), jnp.asarray(True))
+
+    def ratios_of(sq: jax.Array, cnt: jax.Array) -> jax.Array:
+        r = jnp.sqrt(sq) / jnp.sqrt(jnp.maximum(sq[..., :1], eps))
+        r = jnp.where(cnt > 0, r, 1.0)
+        return r if clip is None else jnp.clip(r, clip[0], clip[1])
+
+    def update_fn(
+        updates: optax.Updates,
+        state: GrowthLRAState,
+        params: optax.Params | None = None,
+        **extra: Any,
+    ) -> tuple[optax.Updates, GrowthLRAState]:
+        del extra
+        if params is None:
+            raise ValueError("params must be given to growth_lr_adaptation's update")
+        paths = labels_lib.leaf_paths(params)
+        b_leaves = jax.tree.leaves(state.birth)
+
+        def fresh() -> jax.Array:
+            sqs, cnts = [], []
+            for path, w, b in zip(paths, jax.tree.leaves(params), b_leaves):
+                if _is_kernel(path):
+                    ids = b.ravel().astype(jnp.int32)
+                    w2 = jnp.square(w.astype(jnp.float32)).ravel()
+                    sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num))
+                    cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num))
+            if scope == "global":
+                zero = jnp.zeros((num,), jnp.float32)
+                return ratios_of(sum(sqs, zero), sum(cnts, zero))
+            if not sqs:
+                return state.ratios
+            return ratios_of(jnp.stack(sqs), jnp.stack(cnts)).reshape(state.ratios.shape)
+
+        if refresh == "stage":  # the norms are computed only on a stage's first step
+            ratios = jax.lax.cond(state.lra_stale, fresh, lambda: state.ratios)
+        else:
+            ratios = fresh()
+        out, k = [], 0
+        for path, u, b in zip(paths, jax.tree.leaves(updates), b_leaves):
+            if _is_kernel(path) or apply_to == "all":
+                row = ratios if scope == "global" else ratios[k]
+                u = (u * row[b.astype(jnp.int32)]).astype(u.dtype)
+                k += _is_kernel(path)
+            out.append(u)
+        updates = jax.tree.unflatten(jax.tree.structure(updates), out)
+        return updates, GrowthLRAState(state.birth, ratios, jnp.asarray(False))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
