@@ -47,13 +47,13 @@ BATCH_SIZE = 64
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 FULL_EPOCHS = 12
-FULL_SEEDS = 3  # shared/BENCHMARKS.md: accuracy over at least 3 seeds; the run takes minutes
+FULL_SEEDS = 3  # accuracy over at least 3 seeds; the run takes minutes
 QUICK_EPOCHS = 2
 QUICK_EXAMPLES = 256
 MULTIRATE_K = 5  # the head is fast, the convolutions (and their norms) slow
 LERAC_SCALES = (1.0, 1e-1, 1e-2)  # conv 0, conv 1, head: lower with depth
 LERAC_K_EPOCHS = 2  # every depth at the base rate after 2 epochs (1 under --quick)
-WUS_KW = {"threshold": 0.005, "window": 2, "warmup": 3}  # the spec's defaults, per epoch
+WUS_KW = {"threshold": 0.005, "window": 2, "warmup": 3}  # wus's defaults, per epoch
 SMALL_STEP_LR = 1e-3  # two regimes: Adam after the switch
 LARGE_FRACTION = 0.8
 GROWTH = {"m0": 0.25, "p_c": 1.0}  # widths x1/4, x1/2, x1: three stages, two growths
@@ -64,7 +64,7 @@ ALONE = ("multirate", "lerac", "wus", "two_regimes", "growing")
 PAIRS = ("multirate+lerac", "wus+lerac", "two_regimes+lerac", "growing+lerac")
 
 CLAIM = (
-    "No paper combines these methods. The claim is the library's (issue 10): each pair of "
+    "No paper combines these methods. The claim is the library's: each pair of "
     "methods that makes sense together runs in one optax chain, its phases combined by the "
     "phased train step, with no change to either method; the benchmark reports accuracy and "
     "time per pair beside each method alone and plain SGD. Each method's own paper claim is "

@@ -4,7 +4,7 @@ Plan A: the CNN with batch norm (final widths 16/32/64) on the MNIST subset; pla
 40-256-256-10 without batch norm on mnist1d. Both grow from a quarter of the width in 4 steps
 (``p_c = 0.5``). Arms, interleaved by seed, on the same batches: fixed full width, grown full
 method (VT + LRA), grown without VT, grown without LRA, plain growth (neither), and the full
-method with the momentum carried over at growth instead of reset (spec 1.4)::
+method with the momentum carried over at growth instead of reset (as GradMax does)::
 
     python -m benchmarks.growing            # full: 5 seeds, writes benchmarks/results/growing.*
     python -m benchmarks.growing --quick    # smoke: 1 seed, digits + a slice of mnist1d
@@ -38,7 +38,7 @@ ARMS = {  # name: (grown, LRA, rescale, momentum at growth)
     "grown_no_vt": (True, True, None, "reset"),
     "grown_no_lra": (True, False, "fan_in", "reset"),
     "grown_plain": (True, False, None, "reset"),
-    "grown_carry": (True, True, "fan_in", "carry"),  # full method, momentum carried (spec 1.4)
+    "grown_carry": (True, True, "fan_in", "carry"),  # full method, momentum carried
 }
 
 CLAIM = (
@@ -47,9 +47,9 @@ CLAIM = (
     "model while saving a substantial share of the compute and wall-clock (read in secondary "
     "sources: ResNet-20/CIFAR-10 full method 92.53 ± 0.11 vs fixed 92.62 ± 0.15; ablation "
     "plain growth 91.62, + VT 92.00, + LRA 92.24; about 0.83 of the fixed wall-clock, 1.2x "
-    "speed-up on ResNet-18/CIFAR-100). The paper's body was not readable: see "
-    "`shared/spec/growing.md` for provenance. Our goal (issue 9): time_to_accuracy_ratio <= "
-    "0.75 with accuracy_delta_pt >= -0.5."
+    "speed-up on ResNet-18/CIFAR-100). The paper's body was not readable; the secondary "
+    "sources are the `growingnet` survey wiki and the GroMo re-implementation. Our goal: "
+    "time_to_accuracy_ratio <= 0.75 with accuracy_delta_pt >= -0.5."
 )
 
 
@@ -375,12 +375,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.quick and args.resolution < 28:
         shrink.append(
             f"the images are average-pooled 2x2 to {args.resolution}x{args.resolution} (4x fewer "
-            "conv FLOPs; `--resolution 28` for the spec's full-size images)"
+            "conv FLOPs; `--resolution 28` for the full-size images)"
         )
     if not args.quick and epochs_a < 16:
         shrink.append(
             f"{epochs_a} epochs with one epoch per growing stage, stage epochs {sched_a.epochs} "
-            "(spec: 16 epochs, (1, 2, 3, 5, 5))"
+            "(full plan: 16 epochs, (1, 2, 3, 5, 5))"
         )
     shrink_md = (
         "\n\nPlan A is shrunk to fit about 8 minutes on 2 shared cores: " + "; ".join(shrink) + "."

@@ -11,8 +11,8 @@ Baseline and method arms run in the same process on the same seeds, seed-major (
 every arm, then seed 1, ...), so a drift in the machine's speed hits every arm alike. Results go
 to ``<out_dir>/<name>.{json,md,png}`` (``<name>.quick.*`` with ``--quick``, never over the full
 results), each written to a temporary file and renamed, so a failing run leaves what was there.
-The JSON shape is the one of ``shared/BENCHMARKS.md``: ``benchmark, command, date, quick,
-machine, versions, config, runs, summary``.
+The JSON holds ``benchmark, command, date, quick, machine, versions, config, runs, summary``;
+``summary`` is a flat mapping of named figures (see :func:`write_results`).
 """
 
 from __future__ import annotations
@@ -512,7 +512,10 @@ def write_results(
       args: parsed arguments (``quick``, ``out_dir``, ...) from :func:`parser`.
       config: model, data set, epochs, batch size, seeds, hyperparameters.
       runs: one dict per run (``arm``, ``seed``, figures, optionally ``history``).
-      summary: flat mapping of named figures (see ``shared/BENCHMARKS.md`` for key names).
+      summary: flat mapping of named figures (numbers, booleans or None). Key names say the
+        unit: accuracies are fractions in [0, 1] unless the key ends in ``_pt`` (percentage
+        points); times end in ``_s`` or ``_ms``, ratios in ``_ratio``; a standard deviation
+        appends ``_std``; a difference "a vs b" is a minus b.
       claim_md: the paper's claim, Markdown.
       table_md: our results table, Markdown.
       plot: ``plot(fig)`` drawing on a matplotlib figure (e.g. :func:`plot_curves`), or None

@@ -1,6 +1,6 @@
 """LeRaC: SGD baseline against the learning-rate curriculum, paired by seed, on three small sets.
 
-The reproduction plan of ``shared/spec/lerac.md`` §3 at CPU scale. Data: scikit-learn digits
+A reproduction of the paper's claim at CPU scale. Data: scikit-learn digits
 (train split cut 75/25 into train/validation, i.e. 60/20/20 overall with the test split),
 mnist1d and the 5,000-digit MNIST subset (10% of train held out for validation). Models: an
 MLP with 4 Dense layers (depths 0..3, the head is depth 3) on digits and mnist1d, a
@@ -68,9 +68,9 @@ CLAIM = (
     "Croitoru et al., *Learning Rate Curriculum* (IJCV 2024): on 12 data sets and 8 "
     "architectures (ResNet-18, WRN, DenseNet-121, CvT-13, BERT, LSTM, SepTr, YOLOv5) LeRaC "
     "beats conventional training everywhere, at no extra training time. The gains are small "
-    "(believed well under 2 points; the paper's tables could not be read for this project, so "
-    "no figure is quoted). Our goal (issue 7): the paired 95% interval of LeRaC - SGD above 0 "
-    "on at least 2 of the 3 sets, and a step-time ratio <= 1.02."
+    "(believed well under 2 points; the paper's tables could not be read, so no figure is "
+    "quoted). Our goal: the paired 95% interval of LeRaC - SGD above 0 on at least 2 of the "
+    "3 sets, and a step-time ratio <= 1.02."
 )
 
 
@@ -78,12 +78,12 @@ CLAIM = (
 
 
 class ConvNet(nn.Module):
-    """The spec's Conv-Conv-Dense-Dense CNN: 3x3 convs each followed by a 2x2 max-pool, flatten,
+    """A Conv-Conv-Dense-Dense CNN: 3x3 convs each followed by a 2x2 max-pool, flatten,
     a hidden Dense layer, the head (4 depths).
 
     ``models.CNN`` ends in global average pooling; at the width two CPU cores allow (8 and 16
-    channels) it reached only 55% test accuracy on the MNIST subset in 10 epochs (the first
-    full run of this benchmark, in git history), so this benchmark flattens instead.
+    channels) it reached only 55% test accuracy with SGD on the MNIST subset in 10 epochs,
+    so this benchmark flattens instead.
     """
 
     features: Sequence[int] = CNN_FEATURES

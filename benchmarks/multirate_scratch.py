@@ -1,15 +1,15 @@
 """Multirate from scratch: random slow subgroups as a regularizer, and several time scales at once.
 
-Two small reproductions from ``shared/spec/multirate.md`` §3 (plan items 2 and 3), each on
-scikit-learn's 8x8 digits with a one-hidden-layer MLP (256 units), every arm trained on the
-same batches (``optax_multirate.data.batches``) for the same number of steps, all seeds at
-once under ``jax.vmap`` (one ``lax.scan`` per epoch):
+Two small reproductions of the paper's from-scratch variants, each on scikit-learn's 8x8
+digits with a one-hidden-layer MLP (256 units), every arm trained on the same batches
+(``optax_multirate.data.batches``) for the same number of steps, all seeds at once under
+``jax.vmap`` (one ``lax.scan`` per epoch):
 
-1. **Random subgroups** (§1.5): plain SGD, SGD with dropout 0.5, and
+1. **Random subgroups**: plain SGD, SGD with dropout 0.5, and
    ``multirate_subgroups`` (q = 0.5, k = 5; the forward pass uses ``apply_slow_mask``).
    The paper (small Transformer on Penn Treebank) reports a slightly lower validation loss
    than SGD and SGD with dropout.
-2. **Several time scales** (§1.6): digits with a class-coded 2x2 corner patch (20% of the
+2. **Several time scales**: digits with a class-coded 2x2 corner patch (20% of the
    training images clean, 16% patch only, 64% both, after Li, Wei & Ma 2019); SGD with
    momentum at a small step h, at a large step 25 h, and ``multirate_timescales`` with
    multipliers (1, 25): two brains averaged every 25 steps. The paper (WRN-16, patch-augmented

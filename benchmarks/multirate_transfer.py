@@ -1,6 +1,6 @@
 """Multirate transfer learning: a fast head and a slow backbone, against training everything.
 
-The reproduction plan of ``shared/spec/multirate.md`` §3 item 1, at CPU scale: the small CNN
+A reproduction of the paper's transfer-learning claim at CPU scale: the small CNN
 is pretrained on digits 0-4 of the 5,000-digit MNIST subset, then fine-tuned on digits 5-9
 with a fresh 5-way head. Arms, interleaved by seed, same data, batches, learning rate and
 epochs: train all (plain SGD with momentum, full gradients), head only (backbone frozen with
@@ -11,7 +11,7 @@ runs with ``dispatch="full"``.
 
 First a pilot (seed 0, train all vs head only) checks that the backbone must adapt: if head
 only is not at least 3 points below train all on the plain 5-9 task, the fine-tuning task
-gets the spec's domain shift (inverted intensities) and the results say so.
+gets a domain shift (inverted intensities) and the results say so.
 
 Run: ``python -m benchmarks.multirate_transfer`` (full: 5 seeds) or ``--quick``.
 """
@@ -58,7 +58,7 @@ CLAIM = (
     "83.2% in 9,873 s (time ratio 0.50) and fc only 53.6% in 3,824 s; DistilBERT to SST-2, "
     '89.4% in 198 s against 89.7% in 380 s (0.52). "Almost half the time" at equal accuracy '
     "(numbers read from the poster's plots; k not stated, k = 5 fits the cost model). "
-    "Our goal (issue 5): time ratio <= 0.5 with accuracy delta >= -0.5 pt, on a task where "
+    "Our goal: time ratio <= 0.5 with accuracy delta >= -0.5 pt, on a task where "
     "head only is >= 3 pt below train all."
 )
 
@@ -338,7 +338,7 @@ def _table(by, s, seeds, epochs, fast_name, full_name, task_name, pilot_gap) -> 
     goal = "met" if s["goal_met"] else "NOT met"
     shift = (
         f"head only was {pilot_gap:+.2f} pt from train all on plain digits 5-9 (pilot, seed 0), "
-        f"less than {MIN_HEAD_ONLY_GAP_PT:.0f} pt below, so the fine-tuning task uses the spec's "
+        f"less than {MIN_HEAD_ONLY_GAP_PT:.0f} pt below, so the fine-tuning task uses a "
         "domain shift (inverted intensities) and the backbone must adapt"
         if s["domain_shift"]
         else f"head only was {pilot_gap:+.2f} pt from train all on plain digits 5-9 (pilot, "

@@ -1,6 +1,6 @@
 """Weight update skipping (WUS, WUS+LR) against plain training, and a random-window control.
 
-The reproduction plan of ``shared/spec/wus.md`` §3, at CPU scale. Two models on the
+A reproduction of the paper's claim at CPU scale. Two models on the
 5,000-digit MNIST subset (4,000 train, 1,000 test): ``cnn``, a small all-convolutional CNN
 (three strided 3x3 convs, 16-32-64 channels, flattened into the head) with a bias on every
 conv and on the head (AlexNet/VGG style), and ``bn``, its batch-norm variant (bias-free convs,
@@ -9,7 +9,7 @@ Arms, interleaved seed-major in one process, same init, batches, optimizer (SGD 
 constant rate) and epochs:
 
 * ``baseline``: the inner optimizer alone (full gradients);
-* ``wus``: ``wus(...)`` at the spec's defaults, fed the minibatch training accuracy, one
+* ``wus``: ``wus(...)`` at its defaults, fed the minibatch training accuracy, one
   decision per epoch; host-dispatched phased step, so window steps differentiate biases only;
 * ``wuslr``: the same with ``lr_factor=0.5`` (WUS+LR);
 * ``random``: the control, windows forced at random epochs after the warmup with the same
@@ -72,10 +72,10 @@ CLAIM = (
     "the accuracy's change is minuscule, biases still trained, cuts training time by 54% (WUS) "
     "and 50% (WUS+LR) on CIFAR-10 and 43% / 35% on CIFAR-100 (CPU; averages over AlexNet, "
     "VGG-11/16, ResNet-18), 22% / 21% on GPU, with accuracy 'virtually the same'. Per-model "
-    "numbers, epochs and hyperparameters were not found. Spec §3 expects the CPU magnitude "
-    "not to reproduce: a bias-only step still runs the forward pass and the activation "
+    "numbers, epochs and hyperparameters were not found. The CPU magnitude is not expected "
+    "to reproduce: a bias-only step still runs the forward pass and the activation "
     "backward, so the time ratio is bounded below by the bias-only step's cost (about 2/3 by "
-    "FLOPs). Our goal (issue 6): time ratio <= 0.9, within 0.03 of the cost model "
+    "FLOPs). Our goal: time ratio <= 0.9, within 0.03 of the cost model "
     "`1 - f (1 - rho)`, at accuracy delta >= -1.0 pt, with windows opened by the monitor at "
     "the defaults."
 )
@@ -85,11 +85,12 @@ class AllConvCNN(nn.Module):
     """3x3 convolutions with strides instead of max-pooling, flattened into the head.
 
     Names follow ``optax_multirate.models.CNN`` (``Conv_i``, ``BatchNorm_i``, ``head``). Why
-    not that CNN: when this benchmark was written, its 2x2 max-pool backward dominated the
-    step on CPU and a bias-only step needs it as much as a full one, so there the bias-only
-    step cost 0.84-0.94 of a full one, against 0.64-0.72 (near the 2/3 FLOP ratio) with
-    strided convolutions. ``models.max_pool_2x2`` has since a cheap derivative rule (the
-    ``maxpool_cnn`` rows of the results); this model stays so that runs remain comparable.
+    not that CNN: a bias-only step needs the max-pool's backward as much as a full step does,
+    and with XLA's select-and-scatter backward (flax's ``max_pool``) the pool dominated the
+    step on CPU, so the bias-only step cost 0.84-0.94 of a full one, against 0.64-0.72 (near
+    the 2/3 FLOP ratio) with strided convolutions. ``models.max_pool_2x2`` has a cheap
+    derivative rule (the ``maxpool_cnn`` rows of the results); this model stays so that runs
+    remain comparable.
     Flattening (not average pooling) keeps the digit's layout: it trains to a plateau within
     the epoch budget.
 
@@ -443,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for name, (f, st, bn) in sizes.items()
     }
     inner = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
-    defaults = dict(threshold=0.005, window=2, warmup=3)  # the spec's defaults, never tuned
+    defaults = dict(threshold=0.005, window=2, warmup=3)  # wus's defaults, never tuned
     wus_skipped: dict[tuple[str, int], int] = {}
 
     def make_arm(model_name: str, arm: str, seed: int) -> _Arm:
