@@ -16,9 +16,10 @@ a plateau of the ``value=`` signal (the windowing and comparison of
 the whole run; :func:`phase_of` and ``state.switched_at`` tell a loop where it stands.
 :func:`two_regimes_sgd` is the one-knob preset: constant-rate SGD, then Adam.
 
-The rules the paper leaves open (phase-1 optimizer, switch rule, fraction of the budget, weight
-decay, re-initialisation at the switch) are those of the library's spec note
-``shared/spec/two_regimes.md``; the docs page lists them.
+The rules the paper leaves open are the library's choices: the preset runs constant-rate SGD
+without momentum, then ``adam(1e-3)``, switching at 0.8 of the budget, with the same coupled
+weight decay in both phases; the phase-1 state is re-initialised at the switch. The docs page (``docs/two_regimes.md``,
+"Our choices where the paper is silent") gives the reasons.
 
 Phase protocol: two regimes reads every gradient in both phases (it saves tuning runs, not
 backward work). Its state still carries a :class:`~optax_multirate.phases.PhaseTag` declaring
@@ -107,7 +108,7 @@ class PlateauTrigger:
 
     Attributes:
       patience: windows without improvement before the switch (>= 1).
-      accumulation_size: calls per window (>= 1); the spec recommends steps per epoch.
+      accumulation_size: calls per window (>= 1); steps per epoch gives one window per epoch.
       rtol: relative tolerance in [0, 1].
       atol: absolute tolerance >= 0 (``rtol`` and ``atol`` are not both 0).
       min_large_steps: earliest call count at which the plateau may switch; None means

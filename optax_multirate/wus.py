@@ -6,8 +6,11 @@ training. With the phase protocol (:mod:`optax_multirate.phases`) the train step
 differentiates only the leaves that keep training, so a window step skips every
 weight-gradient product. WUS+LR also decays a learning-rate scale each time a window opens.
 
-The rules the paper leaves open (signal, flatness, window length, warmup, the "+LR" rule) are
-the ones of the library's spec note ``shared/spec/wus.md``; the docs page lists them.
+The rules the paper leaves open are the library's choices: the signal is a metric averaged
+over each decision period, a period is flat when it moves less than ``threshold`` from the
+previous one, a window lasts ``window`` periods and none opens during ``warmup``, and "+LR"
+decays every update at each window opening. The docs page (``docs/wus.md``, "Our choices where
+the paper is silent") gives the reasons.
 
 References:
   Safayenikoo and Akturk, `Weight Update Skipping: Reducing Training Time for Artificial

@@ -8,9 +8,10 @@ params and rules that match nothing fail at ``init``, naming the path or the rul
 sets name the embedded ones; a checkpoint of another model names the mismatched path; and a
 failing run never loses or overwrites what was written before (results files, checkpoints).
 
-The promises tested here are those of each module's docstrings and of ``shared/spec/*.md``
-section 4. A case that exposes a bug in a module is marked ``xfail(strict=True)`` with the
-bug in its reason (the module's owner fixes it; the mark then fails and must go).
+The promises tested here are those of each module's docstrings and of its page in ``docs/``
+(the errors and edge cases it lists). A case that exposes a bug in a module is marked
+``xfail(strict=True)`` with the bug in its reason (the module's owner fixes it; the mark then
+fails and must go).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ of stage ``s`` to those of stage ``s + 1``: new units come in cancelling pairs, 
 is unchanged, and the old blocks are rescaled by variance transfer (VT).
 :func:`growth_lr_adaptation` (LRA) scales each element's update by the norm ratio of the stage
 it was born in. :func:`fit_grown` runs a whole grown training with the library's train step,
-one compilation per stage. Where the paper leaves a choice open, the defaults here are ours.
+one compilation per stage. Where the paper leaves a choice open, the defaults here are ours;
+the docs page (``docs/growing.md``, "Our choices where the paper is silent") lists each one
+beside what the sources say.
 
 Submodules, one concept each: ``schedule`` (:class:`GrowthSchedule`), ``widen`` (:func:`grow`:
 params, batch-norm statistics and the optimizer state's carry-over), ``rate_adaptation``
