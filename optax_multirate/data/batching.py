@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from optax_multirate.data.loader import Split
+from optax_multirate.data.arrays import Split
 
 __all__ = ["batches", "epoch_arrays", "num_batches"]
 

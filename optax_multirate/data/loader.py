@@ -8,7 +8,6 @@ name is read only if it is already prepared in the data folder (for example by
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from optax_multirate.data.arrays import Dataset, Split
 from optax_multirate.data.builders import EMBEDDED_DATASETS, prepare_dataset, resolve_data_dir
 
 __all__ = ["Dataset", "Split", "load_dataset", "prepared_datasets"]
@@ -28,46 +28,6 @@ _READ_CHUNK = 4096
 
 # "namespace:name..." (TFDS community data sets), as opposed to "name:1.2.3" (a version).
 _NAMESPACED = re.compile(r"^[^:/]+:(?![\d*])")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Split:
-    """One split of a data set, held in memory.
-
-    Attributes:
-        x: Inputs, ``float32``. Images have shape ``(N, H, W, C)`` scaled to ``[0, 1]``; MNIST-1D
-            signals have shape ``(N, 40)``, standardized as generated (mean 0, std 1 overall).
-        y: Integer labels, ``int32``, shape ``(N,)``.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
-            raise ValueError(f"x and y differ in length: {len(self.x)} != {len(self.y)}")
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A data set with a train and a test split.
-
-    Attributes:
-        name: Data set name, e.g. ``"digits"``.
-        train: Training split.
-        test: Test split.
-        num_classes: Number of classes; labels are in ``[0, num_classes)``.
-        input_shape: Shape of one input, e.g. ``(8, 8, 1)`` or ``(40,)``.
-    """
-
-    name: str
-    train: Split
-    test: Split
-    num_classes: int
-    input_shape: tuple[int, ...]
 
 
 def _prepared_names(root: pathlib.Path) -> list[str]:
