@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from optax_multirate.data.arrays import Dataset, Split
+from optax_multirate import _checks
+from optax_multirate.data.loader import Dataset, Split
 
 __all__ = ["filter_classes", "transfer_split", "validation_split"]
 
@@ -17,7 +18,33 @@ def _take(split: Split, indices: np.ndarray) -> Split:
     return Split(x=split.x[indices], y=split.y[indices])
 
 
-def validation_split(split: Split, fraction: float = 0.1, *, seed: int = 0) -> tuple[Split, Split]:
+def _stratified_counts(y: np.ndarray, num_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """Classes of ``y`` and how many of each go to a validation part of ``num_val`` examples.
+
+    Each class gets the floor of its proportional quota, at least one and at most its size
+    less one; the examples still to give (or take) go one at a time to the class furthest
+    below (above) its quota, the first such class on a tie.
+    """
+    classes, sizes = np.unique(y, return_counts=True)
+    if sizes.min() < 2:
+        c = classes[np.argmin(sizes)]
+        raise ValueError(
+            f"stratify needs at least 2 examples of every class, got 1 of class {int(c)}"
+        )
+    quota = num_val * sizes / len(y)
+    counts = np.clip(np.floor(quota).astype(np.int64), 1, sizes - 1)
+    while (left := num_val - int(counts.sum())) != 0:
+        sign = 1 if left > 0 else -1
+        room = counts < sizes - 1 if sign > 0 else counts > 1
+        if not room.any():
+            break
+        counts[np.argmax(np.where(room, sign * (quota - counts), -np.inf))] += sign
+    return classes, counts
+
+
+def validation_split(
+    split: Split, fraction: float = 0.1, *, seed: int = 0, stratify: bool = False
+) -> tuple[Split, Split]:
     """Holds out a seeded random fraction of a split for validation.
 
     ``round(fraction * len(split))`` examples, chosen by
@@ -25,16 +52,27 @@ def validation_split(split: Split, fraction: float = 0.1, *, seed: int = 0) -> t
     both keep the original example order. The result depends only on ``(len(split), fraction,
     seed)``.
 
+    With ``stratify``, each class contributes in proportion to its size (counts rounded by
+    largest remainder, so they sum to ``round(fraction * len(split))``), and every class keeps
+    at least one example on each side (the total moves only where that cannot be had
+    otherwise). Each class's examples are drawn by one generator seeded with ``seed``, class
+    after class in sorted label order; the result depends only on ``(split.y, fraction,
+    seed)``.
+
     Args:
         split: Split to divide, usually ``dataset.train``.
         fraction: Fraction of examples held out, in ``(0, 1)``.
         seed: Non-negative seed of the permutation.
+        stratify: Keep the class proportions in both parts.
 
     Returns:
         ``(train, validation)``, disjoint and together equal to ``split``.
 
     Raises:
-        ValueError: If ``fraction`` is not in ``(0, 1)`` or either part would be empty.
+        TypeError: If ``fraction`` is not a real number, ``seed`` not an int or ``stratify``
+            not a bool.
+        ValueError: If ``fraction`` is not in ``(0, 1)``, ``seed`` is negative, either part
+            would be empty, or ``stratify`` meets a class with a single example.
 
     Example:
         >>> import numpy as np
@@ -42,15 +80,29 @@ def validation_split(split: Split, fraction: float = 0.1, *, seed: int = 0) -> t
         >>> train, val = validation_split(s, 0.2, seed=0)
         >>> len(train), len(val)
         (8, 2)
+        >>> s = Split(x=np.zeros((40, 2), np.float32), y=np.repeat([0, 1], [30, 10]))
+        >>> train, val = validation_split(s, 0.2, seed=0, stratify=True)
+        >>> np.bincount(train.y).tolist(), np.bincount(val.y).tolist()
+        ([24, 8], [6, 2])
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    _checks.check_real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+    _checks.check_int("seed", seed, low=0)
+    _checks.check_bool("stratify", stratify)
     num = len(split)
     num_val = round(fraction * num)
     if not 0 < num_val < num:
         raise ValueError(f"fraction {fraction} of {num} examples leaves an empty part")
-    perm = np.random.default_rng(seed).permutation(num)
-    return _take(split, np.sort(perm[num_val:])), _take(split, np.sort(perm[:num_val]))
+    rng = np.random.default_rng(seed)
+    if not stratify:
+        val = rng.permutation(num)[:num_val]
+    else:
+        classes, counts = _stratified_counts(np.asarray(split.y), num_val)
+        val = np.concatenate(
+            [rng.permutation(np.flatnonzero(split.y == c))[:k] for c, k in zip(classes, counts)]
+        )
+    is_val = np.zeros(num, bool)
+    is_val[val] = True
+    return _take(split, np.flatnonzero(~is_val)), _take(split, np.flatnonzero(is_val))
 
 
 def filter_classes(split: Split, classes: Sequence[int], *, relabel: bool = True) -> Split:
