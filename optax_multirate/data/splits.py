@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from optax_multirate import _checks
-from optax_multirate.data.loader import Dataset, Split
+from optax_multirate.data.arrays import Dataset, Split
 
 __all__ = ["filter_classes", "transfer_split", "validation_split"]
 
