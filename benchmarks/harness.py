@@ -501,6 +501,7 @@ def write_results(
     table_md: str,
     plot: Callable[[Any], None] | None = None,
     argv: Sequence[str] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, pathlib.Path]:
     """Writes ``<out_dir>/<name>.{json,md,png}`` (``<name>.quick.*`` under ``--quick``).
 
@@ -521,6 +522,8 @@ def write_results(
       plot: ``plot(fig)`` drawing on a matplotlib figure (e.g. :func:`plot_curves`), or None
         for no PNG.
       argv: the arguments of the run, for the recorded command (default ``sys.argv[1:]``).
+      selection: ``{arm: selection record}`` of a benchmark that compares arms
+        (``benchmarks.protocol.select``), written at the top level as ``"selection"``.
 
     Returns:
       ``{"json", "md"[, "png"]}`` paths written.
@@ -544,6 +547,7 @@ def write_results(
         "machine": machine,
         "versions": versions(),
         "config": dict(config),
+        **({} if selection is None else {"selection": dict(selection)}),
         "runs": [dict(r) for r in runs],
         "summary": dict(summary),
     }
