@@ -1,11 +1,11 @@
-"""Label trees from Flax parameters.
+"""Label trees from Flax parameters (Linen params and NNX state alike).
 
 A label tree has the structure of the params and a hashable label at each leaf: exactly what
 ``optax.partition`` (alias ``multi_transform``) takes. Labels are static Python, computed once
 and never traced.
 
 * :func:`depth_labels` gives each leaf its depth unit in **forward order**, taken from the
-  order in which modules are first called in one abstract forward pass (never from names:
+  order in which params are first read in one abstract forward pass (never from names:
   Flax flattens dicts in sorted key order, so ``Dense_10`` would come before ``Dense_2``).
 * :func:`weight_bias_labels` labels leaves ``"weight"`` or ``"bias"``.
 * :func:`rule_labels` labels leaves by rules on their paths (e.g. fast head, slow backbone).
@@ -15,6 +15,21 @@ and never traced.
 
 Paths are written ``"Conv_0/kernel"``: the dict keys from the root of the tree given, joined
 with ``/``.
+
+**Flax NNX.** Every helper also takes an ``nnx.State``: Variable-wrapped, as
+``nnx.state(model, nnx.Param)`` or ``nnx.split(model, nnx.Param, ...)`` give it, or pure (its
+``nnx.as_pure`` form). Paths leave out the ``value`` attribute under which a Variable holds its
+array (``"conv1/kernel"``, not ``"conv1/kernel/value"``), and the label tree returned holds the
+labels in place of the Variables: the structure of the pure state, which is a prefix of the
+Variable-wrapped one. So one label tree serves both calls of ``nnx.Optimizer``: ``tx.init`` on
+the Variable-wrapped state and ``tx.update`` on pure arrays, in ``optax.partition`` and in every
+method of this library. A helper refuses Variables that hold no trainable parameter
+(``nnx.BatchStat``, RNG state, caches): build labels from ``nnx.state(model, nnx.Param)``::
+
+    labels = om.rule_labels(nnx.state(model, nnx.Param), {"fast": "^head/"}, default="slow")
+    tx = om.multirate_sgd(learning_rate=0.05, k=2, param_labels=labels)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer.update(model, grads)        # grads = nnx.grad(loss_fn)(model)
 """
 
 from __future__ import annotations
@@ -27,6 +42,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import nnx
+
+from optax_multirate import _checks, _forward
 
 __all__ = [
     "path_str",
@@ -39,29 +57,22 @@ __all__ = [
     "resolve_labels",
 ]
 
-_NORM_TYPES = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-
 
 def path_str(path: Sequence[Any]) -> str:
     """Joins a JAX key path (or a tuple of names) into ``"a/b/c"``.
 
+    A trailing attribute key ``value`` (where an ``nnx.Variable`` holds its array) is left
+    out, so a Variable-wrapped NNX state and its pure form have the same paths.
+
     Examples:
       >>> path_str(("Conv_0", "kernel"))
       'Conv_0/kernel'
+      >>> from flax import nnx
+      >>> state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+      ['bias', 'kernel']
     """
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(str(k.name))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return _forward.joined(_forward.key_parts(path))
 
 
 def _is_masked(x: Any) -> bool:
@@ -90,7 +101,8 @@ def check_labels(
 
     Args:
       labels: label tree, or a callable ``params -> label tree``.
-      params: the parameter tree.
+      params: the parameter tree (Linen params, or an ``nnx.State``, Variable-wrapped or
+        pure: the same label tree matches both).
       allowed: if given, the labels that may appear.
       name: the argument's name, used in error messages.
       require: labels that must label at least one leaf of ``params``.
@@ -148,95 +160,90 @@ def check_labels(
 def resolve_labels(labels: Any, params: Any, **kwargs: Any) -> Any:
     """Returns the label tree (calling ``labels(params)`` if callable), checked against params.
 
-    The result has the structure of ``params`` (``MaskedNode`` holes kept).
+    The result has the structure of ``params`` (``MaskedNode`` holes kept), with each NNX
+    Variable replaced by its label (a prefix of a Variable-wrapped state).
     """
     by_path = check_labels(labels, params, **kwargs)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_forward.is_variable)
     return jax.tree_util.tree_unflatten(treedef, [by_path[path_str(p)] for p, _ in flat])
 
 
 def _label_tree(params: Any, fn: Callable[[str, Any], Hashable]) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), params)
+    """Maps ``fn(path, array)`` over the leaves; an NNX Variable is replaced by its label."""
+
+    def one(p: Any, x: Any) -> Hashable:
+        path = path_str(p)
+        if _forward.is_variable(x):
+            if isinstance(x, _forward.NOT_TRAINABLE):
+                raise ValueError(
+                    f"labels are for trainable params, but the state holds a "
+                    f"{type(x).__name__} at {path!r}: build labels from "
+                    "nnx.state(model, nnx.Param)"
+                )
+            x = x.get_value()
+        return fn(path, x)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_forward.is_variable)
 
 
 # --------------------------------------------------------------------------- depth
 
 
-def _record_call_order(
-    model: nn.Module, variables: Mapping[str, Any], args: tuple, kwargs: dict
-) -> tuple[list[tuple[str, ...]], dict[tuple[str, ...], type], dict[str, tuple]]:
-    """Module paths in first-call order, their types, and param shapes seen inside modules."""
-    order: list[tuple[str, ...]] = []
-    types: dict[tuple[str, ...], type] = {}
-    inner_shapes: dict[str, tuple] = {}
-
-    def interceptor(next_fun, iargs, ikwargs, context):
-        mod = context.module
-        path = tuple(mod.path)
-        if context.method_name == "__call__" and path not in types:
-            order.append(path)
-            types[path] = type(mod)
-        out = next_fun(*iargs, **ikwargs)
-        if mod.has_variable("params", "kernel") or mod.scope is not None:
-            try:
-                own = mod.variables.get("params", {})
-            except Exception:  # pragma: no cover - unbound modules
-                own = {}
-            for k, v in own.items():
-                if not isinstance(v, Mapping):
-                    inner_shapes.setdefault("/".join((*path, k)), tuple(np.shape(v)))
-        return out
-
-    def run(v):
-        with nn.intercept_methods(interceptor):
-            return model.apply(v, *args, mutable=True, **kwargs)
-
-    jax.eval_shape(run, dict(variables))
-    return order, types, inner_shapes
-
-
 def depth_labels(
-    model: nn.Module,
-    variables: Mapping[str, Any],
+    model: nn.Module | nnx.Module,
+    variables: Any,
     *args: Any,
     unit_level: int | None = 1,
     merge_norm: bool = True,
-    rngs: Mapping[str, jax.Array] | None = None,
+    rngs: Any = None,
     **kwargs: Any,
 ) -> Any:
-    """Depth label tree for ``variables["params"]``, in forward order.
+    """Depth label tree of a Flax model's params, in forward order.
 
-    Depth comes from the order in which modules are first called in one abstract forward pass
-    (``jax.eval_shape`` of ``model.apply(variables, *args, **kwargs)`` with
-    ``flax.linen.intercept_methods``), so any Flax model works whatever its names.
+    Depth comes from the order in which params are first read in one abstract forward pass:
+    the jaxpr (``jax.make_jaxpr``, nothing runs) of ``model.apply(variables, *args,
+    **kwargs)`` for a Linen module, of ``model(*args, **kwargs)`` on a copy of an NNX module.
+    So any Flax model works whatever its names, and a param that a module declares for
+    itself (a ViT's ``pos_embed``, in ``setup`` or in ``__call__``) lands where it is used.
 
     Depth units (documented places):
 
     * a unit is the module at ``unit_level`` below the root that contains the leaf (``1``: the
       root's direct children, so a residual block with its convs, batch norms and projection
-      shortcut is one unit); ``unit_level=None`` makes every module that owns params its own
-      unit;
+      shortcut is one unit); NNX counts modules only, so ``blocks/0`` (an item of an
+      ``nnx.List``) is one level; ``unit_level=None`` makes every module that owns params its
+      own unit;
+    * units are numbered in the order their params are first read; params a module owns
+      directly above the unit level (a root's ``pos_embed`` and ``cls_token``) form a unit
+      where they are first read, one unit for those read between the same two units;
     * with ``merge_norm`` a normalization layer (batch norm, layer norm: scale and bias) that is
-      its own unit joins the unit called just before it (the layer it normalizes), so
+      its own unit joins the unit read just before it (the layer it normalizes), so
       ``stem`` + ``stem_bn`` is depth 0;
-    * embeddings come first if called first; the head is the last unit called;
+    * embeddings come first if read first; the head is the last unit read;
     * a module called twice (shared or tied params) keeps the depth of its first call.
 
     Args:
-      model: a Flax linen module.
-      variables: its variables (``{"params": ..., "batch_stats": ...}``) or params alone.
+      model: a Flax Linen module, or a Flax NNX module (its state is not changed).
+      variables: Linen: the variables (``{"params": ..., "batch_stats": ...}``) or params
+        alone. NNX: the state to label, ``nnx.state(model, nnx.Param)`` (Variable-wrapped or
+        pure, or a part of it).
       *args: example inputs for the forward pass (only shapes matter).
-      unit_level: module-path depth that defines a unit, or None for one unit per module.
+      unit_level: module depth that defines a unit, or None for one unit per module.
       merge_norm: merge normalization layers into the preceding unit.
-      rngs: rngs for the forward pass (e.g. ``{"dropout": key}``), if it needs any.
+      rngs: rngs of the forward pass, if it needs any (Linen: ``apply(rngs=...)``, e.g.
+        ``{"dropout": key}``; NNX: passed to the call as ``rngs=``).
       **kwargs: keyword arguments of the forward pass (e.g. ``train=False``).
 
     Returns:
-      A tree with the structure of ``variables["params"]`` holding ints ``0..n-1``.
+      A tree holding ints ``0..n-1`` with the structure of ``variables["params"]`` (Linen) or
+      of the given state, each NNX Variable replaced by its depth (see the module docstring).
 
     Raises:
-      ValueError: if a param is never used in the forward pass, or layers are stacked on a
-        leading axis by ``nn.scan``/``nn.vmap`` (per-slice depth is not supported).
+      TypeError: if ``model`` is not a Flax module, ``unit_level`` not an int or None.
+      ValueError: if ``unit_level < 1``, a param is never read in the forward pass, layers
+        are stacked on a leading axis by ``nn.scan``/``nn.vmap``/``nnx.scan``/``nnx.vmap``
+        (per-slice depth is not supported), or the NNX state holds a path that is no
+        ``nnx.Param`` of the model.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -246,56 +253,48 @@ def depth_labels(
       >>> d = depth_labels(m, v, jnp.zeros((1, 4)))
       >>> d["Dense_2"]["kernel"], d["Dense_10"]["kernel"], d["head"]["bias"]
       (2, 10, 11)
+
+      An NNX model, whose attributes are declared in another order than they are called:
+
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.head = nnx.Linear(8, 2, rngs=rngs)
+      ...         self.norm = nnx.LayerNorm(8, rngs=rngs)
+      ...         self.body = nnx.Linear(4, 8, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.head(self.norm(self.body(x)))
+      >>> net = Net(nnx.Rngs(0))
+      >>> d = depth_labels(net, nnx.state(net, nnx.Param), jnp.zeros((1, 4)))
+      >>> d["body"]["kernel"], d["norm"]["scale"], d["head"]["kernel"]
+      (0, 0, 1)
     """
-    if unit_level is not None and (
-        isinstance(unit_level, bool) or not isinstance(unit_level, int) or unit_level < 1
-    ):
-        raise ValueError(f"unit_level must be an int >= 1 or None, got {unit_level!r}")
-    if "params" not in variables:
-        variables = {"params": variables}
+    unit_level = _checks.check_int("unit_level", unit_level, low=1, optional=True)
+    merge_norm = _checks.check_bool("merge_norm", merge_norm)
     if rngs is not None:
         kwargs = dict(kwargs, rngs=rngs)
-    order, types, inner_shapes = _record_call_order(model, variables, args, kwargs)
-    params = variables["params"]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaf_mod = []  # owning module path of each leaf
-    for p, leaf in flat:
-        names = tuple(path_str([k]) for k in p)
-        mod_path = names[:-1]
-        seen = inner_shapes.get("/".join(names))
-        if seen is not None and len(seen) < np.ndim(leaf):
-            raise ValueError(
-                f"depth_labels: the param at {'/'.join(names)!r} has shape {np.shape(leaf)} "
-                f"but its module sees {seen}: layers stacked on a leading axis by nn.scan or "
-                "nn.vmap get one depth per slice, which depth_labels does not support; label "
-                "this model with rule_labels or pass a label tree by hand"
-            )
-        if mod_path not in types:
-            raise ValueError(
-                f"depth_labels: the param at {'/'.join(names)!r} belongs to no module called "
-                "in the forward pass; pass inputs and kwargs that use every layer"
-            )
-        leaf_mod.append(mod_path)
+    if isinstance(model, nnx.Module):
+        trace = _forward.trace_nnx(model, args, kwargs)
+    elif isinstance(model, nn.Module):
+        if "params" not in variables:
+            variables = {"params": variables}
+        trace = _forward.trace_linen(model, variables, args, kwargs)
+        variables = variables["params"]
+    else:
+        raise TypeError(
+            f"model must be a flax.linen or flax.nnx Module, got {type(model).__name__}"
+        )
+    depth = _forward.assign_depths(trace, unit_level, merge_norm)
 
-    owners = {m for m in leaf_mod}
-    # unit key of each param-owning module, in first-call order
-    unit_of: dict[tuple[str, ...], tuple[str, ...]] = {}
-    unit_order: list[tuple[str, ...]] = []
-    prev_unit: tuple[str, ...] | None = None
-    for mod in order:
-        if mod not in owners:
-            continue
-        unit = mod if unit_level is None else mod[:unit_level]
-        is_norm = issubclass(types[mod], _NORM_TYPES)
-        own_unit = unit_level is None or len(mod) <= unit_level
-        if merge_norm and is_norm and own_unit and prev_unit is not None:
-            unit = prev_unit
-        unit_of[mod] = unit
-        if unit not in unit_order:
-            unit_order.append(unit)
-        prev_unit = unit
-    index = {u: i for i, u in enumerate(unit_order)}
-    return jax.tree_util.tree_unflatten(treedef, [index[unit_of[m]] for m in leaf_mod])
+    def lookup(path: str, _: Any) -> int:
+        if path not in depth:
+            raise ValueError(
+                f"depth_labels: the state holds {path!r}, which is no nnx.Param of the model "
+                f"(its params include {sorted(depth)[:5]!r})"
+            )
+        return depth[path]
+
+    return _label_tree(variables, lookup)
 
 
 # --------------------------------------------------------------------------- weight / bias
@@ -305,21 +304,31 @@ def weight_bias_labels(params: Any, *, norm_scale: str = "weight") -> Any:
     """Labels each leaf ``"weight"`` or ``"bias"``.
 
     Leaves named ``bias`` are biases (dense, conv and normalization offsets); normalization
-    ``scale`` leaves are ``norm_scale``; all others (kernels, embeddings) are weights.
+    ``scale`` leaves are ``norm_scale``; all others (kernels, embeddings) are weights. The name
+    is the last part of the path, which for NNX state is the attribute's name (``kernel``,
+    ``bias``, ``scale``, ``embedding``), never a Variable's ``value``.
 
     Args:
-      params: the parameter tree.
+      params: the parameter tree (Linen params, or an ``nnx.State`` of ``nnx.Param``).
       norm_scale: ``"weight"`` (default) or ``"bias"``: where normalization scales go.
 
+    Returns:
+      A label tree with the structure of ``params`` (NNX: of its pure form).
+
     Raises:
-      ValueError: if ``norm_scale`` is not ``"weight"`` or ``"bias"``.
+      TypeError: if ``norm_scale`` is not hashable.
+      ValueError: if ``norm_scale`` is not ``"weight"`` or ``"bias"``, or an NNX state holds
+        Variables that are no trainable params (``nnx.BatchStat``, RNG state).
 
     Examples:
       >>> weight_bias_labels({"Dense_0": {"kernel": 0, "bias": 0}, "BatchNorm_0": {"scale": 0}})
       {'BatchNorm_0': {'scale': 'weight'}, 'Dense_0': {'bias': 'bias', 'kernel': 'weight'}}
+      >>> from flax import nnx
+      >>> bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> nnx.to_pure_dict(weight_bias_labels(nnx.state(bn, nnx.Param)))
+      {'bias': 'bias', 'scale': 'weight'}
     """
-    if norm_scale not in ("weight", "bias"):
-        raise ValueError(f"norm_scale must be 'weight' or 'bias', got {norm_scale!r}")
+    _checks.check_choice("norm_scale", norm_scale, ("weight", "bias"))
 
     def fn(path: str, _: Any) -> str:
         name = path.rsplit("/", 1)[-1]
@@ -347,15 +356,16 @@ def rule_labels(
 
     Each label maps to one rule or a list of rules. A string rule is a regular expression
     searched in the leaf's path (``"head"`` matches ``"head/kernel"``; anchor with ``^``/``$``);
-    a callable rule is ``fn(path, leaf) -> bool``. Leaves no rule matches get ``default``.
+    a callable rule is ``fn(path, leaf) -> bool`` (``leaf``: the array, an NNX Variable's
+    value). Leaves no rule matches get ``default``.
 
     Args:
-      params: the parameter tree.
+      params: the parameter tree (Linen params, or an ``nnx.State`` of ``nnx.Param``).
       rules: ``{label: rule or rules}``, e.g. ``{"fast": ["^head/"]}``.
       default: label of unmatched leaves; None makes an unmatched leaf an error.
 
     Returns:
-      A label tree with the structure of ``params``.
+      A label tree with the structure of ``params`` (NNX: of its pure form).
 
     Raises:
       ValueError: naming the rule, if a rule matches no leaf, a leaf is matched by rules of two
@@ -427,18 +437,21 @@ def random_labels(
     """A seeded random subset of leaves gets ``labels[0]``, the rest ``labels[1]``.
 
     Args:
-      params: the parameter tree.
+      params: the parameter tree (Linen params, or an ``nnx.State`` of ``nnx.Param``).
       fraction: share of eligible leaves drawn, in (0, 1); at least one is drawn.
       seed: seed of the draw (the same seed gives the same subset).
       labels: (label of drawn leaves, label of the others).
       eligible: rule (as in :func:`rule_labels`) selecting the leaves that may be drawn;
         default: all leaves.
 
+    Returns:
+      A label tree with the structure of ``params`` (NNX: of its pure form).
+
     Raises:
+      TypeError: if ``fraction`` is not a real number.
       ValueError: if ``fraction`` is not in (0, 1) or no leaf is eligible.
     """
-    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    _checks.check_real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     paths = leaf_paths(params)
     if eligible is None:
         ok = paths
