@@ -222,6 +222,15 @@ def test_wus_with_nnx_labels_holds_weights_in_windows():
         assert (not any(weights)) if t in (1, 2) else all(weights), (t, moved)
 
 
+def test_freeze_schedule_with_nnx_labels():
+    tx = lambda lab: om.freeze_schedule(optax.sgd(0.1), lab, {"slow": (0, 2)})
+    history = _run(tx, _slow_fast, 3)
+    for t in range(3):
+        moved = _moved(history, t)
+        slow = [v for k, v in moved.items() if not k.startswith("head/")]
+        assert moved["head/kernel"] and (not any(slow) if t < 2 else all(slow)), (t, moved)
+
+
 def test_label_tree_from_state_fits_a_callable_too():
     """A label function over the tree it is given also works (optax.partition calls it)."""
     tx = lambda lab: optax.partition(
