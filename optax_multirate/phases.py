@@ -18,7 +18,7 @@ fast-only multirate step, weights in a WUS window, frozen layers) says so in its
    constrained by it), and runs the step program compiled for that mask. The program
    differentiates the needed leaves only; the other leaves enter as ordinary traced arguments
    (never constants, so nothing recompiles when they change) and get zero gradients. Each
-   distinct mask compiles once.
+   distinct mask compiles once per input signature (shapes, dtypes, shardings, structure).
 
 ``dispatch="host"`` (the default) picks the program on the host: on XLA CPU a convolution
 backward inside ``lax.switch`` ran about 80x slower than the same program alone.
@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
 
 __all__ = [
@@ -228,6 +229,35 @@ def needed_tree(opt_state: Any, params: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), list(mask))
 
 
+_AVAL_TYPES: set[type] = set()  # concrete jax array types seen: their aval is an attribute
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    return jax.typeof(jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _leaf_aval(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        _AVAL_TYPES.add(type(x))
+        return x.aval
+    if type(x) is np.ndarray:  # the aval a jax array of that shape and dtype has
+        return _host_aval(x.shape, x.dtype)
+    return jax.typeof(x)
+
+
+def _signature(args: Any) -> Hashable:
+    """The input signature a compiled step program is kept under: tree structure and avals.
+
+    An aval holds a leaf's shape, dtype and weak type; it is what ``jax.jit`` keys its own
+    cache on, so a numpy array and a jax array of the same shape and dtype share a signature.
+    On the per-step hot path: a flatten and one cached attribute read per jax array (a few
+    microseconds for a CNN's params, optimizer state and batch).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    return (treedef, *[x.aval if type(x) in _AVAL_TYPES else _leaf_aval(x) for x in leaves])
+
+
 class StepOutput(NamedTuple):
     """What a train step returns."""
 
@@ -260,8 +290,11 @@ class PhasedStep:
       masks: the masks run so far, in first-use order (one compiled program each under host
         dispatch).
       last_mask: the mask of the last call (None under switch dispatch).
-      compile_time_s: seconds spent compiling (ahead of time, on each program's first call).
-      num_compiles: number of compilations so far (one per distinct mask and input shape).
+      compile_time_s: seconds spent compiling (ahead of time, on the first call of each
+        program with each input signature).
+      num_compiles: number of compilations so far: one per distinct mask and input signature
+        (tree structure, shapes, dtypes and shardings of the arguments); inputs that alternate
+        between signatures (a short last batch) reuse the executables compiled for them.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -283,12 +316,12 @@ class PhasedStep:
         dispatch: str = "host",
         jit: bool = True,
     ):
-        if dispatch not in ("host", "switch", "full"):
-            raise ValueError(f"dispatch must be 'host', 'switch' or 'full', got {dispatch!r}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx)!r}")
+        _checks.check_choice("dispatch", dispatch, ("host", "switch", "full"))
+        _checks.check_callable("loss_fn", loss_fn)
+        _checks.check_transformation("tx", tx)
+        _checks.check_callable("extra_args_fn", extra_args_fn, optional=True)
+        _checks.check_bool("has_aux", has_aux)
+        _checks.check_bool("jit", jit)
         self.loss_fn = loss_fn
         self.tx = optax.with_extra_args_support(tx)
         self.has_aux = has_aux
@@ -337,31 +370,46 @@ class PhasedStep:
         return prog
 
     def _wrap(self, fn: Callable[..., StepOutput]) -> Callable[..., StepOutput]:
-        """Compiles ahead of time on first call, timing the compile apart from the step."""
+        """Compiles ahead of time once per input signature, timing compiles apart from steps.
+
+        The executables are kept per :func:`_signature` of the arguments (tree structure and
+        each leaf's shape, dtype and weak type), so inputs that alternate between shapes (a
+        short last batch) reuse their executables. Shardings are checked by the executable
+        itself (for free); inputs it refuses (same shapes, other shardings) get an executable of
+        their own, kept under the signature plus the shardings.
+        """
         if not self.jit:
             return fn
         jitted = jax.jit(fn)
-        compiled: list[Any] = []
+        executables: dict[Hashable, Any] = {}
 
-        def compile_for(*a):
+        def compile_for(key: Hashable, a: tuple) -> Any:
             t0 = time.perf_counter()
             exe = jitted.lower(*a).compile()
             self.compile_time_s += time.perf_counter() - t0
             self.num_compiles += 1
-            compiled[:] = [exe]
+            executables[key] = exe
             return exe
 
+        def executable(*a):
+            key = _signature(a)
+            exe = executables.get(key)
+            return compile_for(key, a) if exe is None else exe
+
         def call(*a):
-            if compiled:
-                try:
-                    return compiled[0](*a)
-                except (TypeError, ValueError):
-                    pass  # new input shapes, dtypes or shardings: compile again below
-            return compile_for(*a)(*a)
+            key = _signature(a)
+            exe = executables.get(key)
+            if exe is None:
+                exe = compile_for(key, a)
+            try:
+                return exe(*a)
+            except (TypeError, ValueError):  # other shardings than the executable's
+                key = (key, tuple(getattr(x, "sharding", None) for x in jax.tree.leaves(a)))
+                exe = executables.get(key)
+                return (compile_for(key, a) if exe is None else exe)(*a)
 
         call.lower = jitted.lower  # type: ignore[attr-defined]
-        call.compiled = compiled  # type: ignore[attr-defined]
-        call.compile_for = compile_for  # type: ignore[attr-defined]
+        call.executable = executable  # type: ignore[attr-defined]
         return call
 
     def _switch_program(self, params, opt_state):
@@ -425,12 +473,13 @@ class PhasedStep:
     def flops(self, mask: tuple[bool, ...] | None, params, opt_state, *args, **extra) -> float:
         """Compiled FLOPs of one step with ``mask`` (XLA ``cost_analysis``).
 
-        Under ``jit`` the program is compiled once and kept for later calls.
+        Under ``jit`` the program is compiled once for these arguments' signature and kept
+        for later calls.
         """
         prog = self._switch_program(params, opt_state) if mask is None else self.program(mask)
         a = (params, opt_state, args, extra)
         if self.jit:
-            exe = prog.compiled[0] if prog.compiled else prog.compile_for(*a)
+            exe = prog.executable(*a)
         else:
             exe = self.lower(mask, *a[:2], *args, **extra).compile()
         cost = exe.cost_analysis()

@@ -1,5 +1,7 @@
 """Tests for the phase protocol: masks, dispatch, equality with full-gradient steps."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +103,30 @@ def test_compiles_equal_distinct_masks(cnn):
     _, _, masks = _run(step, params, tx.init(params), 12, x, y)
     assert len(set(masks)) == 2 == len(step.masks) == step.num_compiles
     assert step.compile_time_s > 0
+
+
+def test_alternating_batch_shapes_compile_once_per_mask_and_shape(caplog):
+    """A short batch every other step: each (mask, input shape) compiles exactly once."""
+    params = {"body": {"kernel": jnp.ones((3, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+    labels = {"body": {"kernel": "body"}, "head": {"kernel": "head"}}
+    tx = freeze_schedule(optax.sgd(0.1), labels, {"body": (3, 6)})  # two phases
+    step = PhasedStep(
+        lambda p, x: jnp.mean((x @ p["body"]["kernel"] @ p["head"]["kernel"]) ** 2), tx
+    )
+    xs = [jnp.ones((8, 3)), np.ones((5, 3), np.float32)]  # a jax batch and a short numpy one
+    state, seen = tx.init(params), []
+    caplog.set_level(logging.WARNING, logger="jax")
+    with jax.log_compiles():
+        for t in range(10):
+            out = step(params, state, xs[t % 2])
+            params, state = out.params, out.opt_state
+            seen.append((step.last_mask, xs[t % 2].shape))
+    logged = [r for r in caplog.records if "XLA compilation of jit(_grad_and_update)" in r.message]
+    assert len(set(seen)) == 4 and len(step.masks) == 2
+    assert step.num_compiles == len(set(seen)) == len(logged)
+    step(params, state, jnp.asarray(xs[1]))  # a jax array of a seen shape: no compile
+    assert step.num_compiles == 4
+    assert step.flops(step.last_mask, params, state, xs[0]) > 0 and step.num_compiles == 4
 
 
 def test_switch_dispatch_and_no_jit_match_host(cnn):
