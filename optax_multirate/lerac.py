@@ -27,7 +27,6 @@ References:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
 
 __all__ = [
@@ -80,28 +80,18 @@ def _concrete(x: Any) -> np.ndarray | None:
         return None
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _check_unit_interval(name: str, value: Any) -> None:
-    v = _concrete(value)
-    if v is None:
-        return  # traced under inject_hyperparams: checked when built with Python values
-    if v.shape != () or not (math.isfinite(float(v)) and 0.0 < float(v) <= 1.0):
-        raise ValueError(f"{name} must be a finite number in (0, 1], got {value!r}")
+def _check_unit_interval(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` in (0, 1] (traced under inject_hyperparams: checked when built)."""
+    _checks.check_real(name, value, low=0.0, high=1.0, low_open=True, optional=optional)
 
 
 def _check_scales(scales: Any, allow_non_monotone: bool) -> None:
-    r = _concrete(scales)
-    if r is None:
+    if _checks.is_traced(scales):
         return
-    if r.ndim != 1 or r.size == 0:
-        raise ValueError(f"initial_scales must be a non-empty 1-D sequence, got {scales!r}")
-    if not np.all(np.isfinite(r)) or np.any(r <= 0) or np.any(r > 1):
-        raise ValueError(
-            f"initial_scales must be finite numbers in (0, 1], got {tuple(r.tolist())!r}"
-        )
+    _checks.check_real_sequence(
+        "initial_scales", scales, low=0.0, high=1.0, low_open=True, min_len=1
+    )
+    r = np.asarray(scales, np.float64)
     if not allow_non_monotone and np.any(np.diff(r) > 0):
         raise ValueError(
             "initial_scales must not increase with depth (pass allow_non_monotone=True to "
@@ -181,33 +171,29 @@ def _validate(
     steps_per_tick: Any,
     c: Any,
     allow_non_monotone: bool,
-) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if not isinstance(allow_non_monotone, bool):
-        raise ValueError(f"allow_non_monotone must be a bool, got {allow_non_monotone!r}")
-    if k is None:
-        if mode == "paper":
-            raise ValueError("k is required in mode='paper' (the tick at which all rates meet)")
-    elif not _is_int(k) or k < 0:
-        raise ValueError(f"k must be an int >= 0 (ticks; pass it in static_args), got {k!r}")
-    if not _is_int(steps_per_tick) or steps_per_tick < 1:
-        raise ValueError(f"steps_per_tick must be an int >= 1, got {steps_per_tick!r}")
-    cv = _concrete(c)
-    if cv is not None:
-        ok = cv.shape == () and math.isfinite(float(cv))
-        ok = ok and (float(cv) > 1 if mode == "staircase" else float(cv) > 0 and cv != 1)
-        if not ok:
-            need = "> 1 in mode='staircase'" if mode == "staircase" else "> 0 and != 1"
-            raise ValueError(f"c must be a finite number {need}, got {c!r}")
+) -> tuple[int | None, int]:
+    """Checks the curriculum's arguments; returns ``k`` and ``steps_per_tick`` as ints."""
+    _checks.check_choice("mode", mode, _MODES)
+    _checks.check_bool("allow_non_monotone", allow_non_monotone)
+    if k is None and mode == "paper":
+        raise TypeError(
+            "k is required in mode='paper' (the tick at which all rates meet), got None"
+        )
+    k = _checks.check_int("k", k, low=0, optional=True, static=True)
+    steps_per_tick = _checks.check_int("steps_per_tick", steps_per_tick, low=1, static=True)
+    if mode == "staircase":
+        _checks.check_real("c", c, low=1.0, low_open=True)
+    else:
+        _checks.check_real("c", c, low=0.0, low_open=True)
+        if not _checks.is_traced(c) and float(c) == 1.0:
+            raise ValueError(f"c must be a finite number > 0 and != 1, got {c!r}")
     _check_unit_interval("decay", decay)
     _check_unit_interval("min_scale", min_scale)
-    if head_scale is not None:
-        _check_unit_interval("head_scale", head_scale)
+    _check_unit_interval("head_scale", head_scale, optional=True)
     if initial_scales is not None:
         _check_scales(initial_scales, allow_non_monotone)
-        r = _concrete(initial_scales)
-        _check_staircase_k(mode, k, r, c)
+        _check_staircase_k(mode, k, _concrete(initial_scales), c)
+    return k, steps_per_tick
 
 
 def _check_staircase_k(mode: str, k: int | None, r: np.ndarray | None, c: Any) -> None:
@@ -224,19 +210,17 @@ def _check_staircase_k(mode: str, k: int | None, r: np.ndarray | None, c: Any) -
 def _depth_table(depth_labels: Any, params: Any, name: str = "depth_labels") -> dict[str, int]:
     """``{path: depth}`` for the leaves of ``params``; checks labels are ints >= 0."""
     by_path = labels_lib.check_labels(depth_labels, params, name=name)
-    for path, lab in by_path.items():
-        if not _is_int(lab):
-            raise ValueError(f"{name}: the label at {path!r} must be an int depth, got {lab!r}")
-        if lab < 0:
-            raise ValueError(f"{name}: the label at {path!r} is negative: {lab!r}")
-    return {p: int(v) for p, v in by_path.items()}
+    return {
+        p: _checks.check_int(f"{name}: the label at {p!r}", lab, low=0)
+        for p, lab in by_path.items()
+    }
 
 
 def _all_labels(depth_labels: Any, params: Any) -> set[int]:
     """Every depth in the label tree (holes of ``optax.partition`` included)."""
     tree = depth_labels(params) if callable(depth_labels) else depth_labels
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return {int(x) for x in leaves if _is_int(x)}
+    return {int(x) for x in leaves if _checks.is_int(x)}
 
 
 # --------------------------------------------------------------------------- public API
@@ -302,11 +286,16 @@ def scale_by_lerac(
       A ``GradientTransformation`` with state :class:`LeracState`.
 
     Raises:
-      ValueError: naming the argument, for ``k`` missing (paper mode), negative or not an
-        int, ``steps_per_tick < 1``, a bad ``c``, a scale outside (0, 1] or not finite,
-        increasing ``initial_scales``, ``decay`` or ``min_scale`` outside (0, 1], an unknown
-        mode, a staircase ``k`` too small; at ``init``: unlabelled leaves, labels that are
-        not ints or not in ``0..n-1``, an unused depth, or ``len(initial_scales) != n``.
+      TypeError: naming the argument, for a value of the wrong type: ``k`` missing in paper
+        mode or not an int (Python or numpy ints are accepted; a traced ``k`` or
+        ``steps_per_tick``: pass them in ``static_args``), a string or bool for a number,
+        ``initial_scales`` not a sequence of numbers, ``allow_non_monotone`` not a bool; at
+        ``init``, a depth label that is not an int.
+      ValueError: naming the argument, for ``k`` negative, ``steps_per_tick < 1``, a bad
+        ``c``, a scale outside (0, 1] or not finite, increasing ``initial_scales``, ``decay``
+        or ``min_scale`` outside (0, 1], an unknown mode, a staircase ``k`` too small; at
+        ``init``: unlabelled leaves, negative labels or labels not in ``0..n-1``, an unused
+        depth, or ``len(initial_scales) != n``.
 
     Examples:
       The worked example of the spec (4 units, base rate 0.1, ``k = 5``):
@@ -331,7 +320,7 @@ def scale_by_lerac(
     References:
       Croitoru et al., `Learning Rate Curriculum <https://arxiv.org/abs/2205.09180>`_, 2024.
     """
-    _validate(
+    k, steps_per_tick = _validate(
         k=k,
         initial_scales=initial_scales,
         decay=decay,
@@ -454,8 +443,9 @@ def lerac(
       A ``GradientTransformationExtraArgs``; its state is ``(base_state, LeracState)``.
 
     Raises:
-      ValueError: as :func:`scale_by_lerac`, or if ``base_optimizer`` is not a
+      TypeError: as :func:`scale_by_lerac`, or if ``base_optimizer`` is not a
         ``GradientTransformation``.
+      ValueError: as :func:`scale_by_lerac`.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -469,10 +459,7 @@ def lerac(
       0.01 0.003162
       0.01 0.01
     """
-    if not isinstance(base_optimizer, optax.GradientTransformation):
-        raise ValueError(
-            f"base_optimizer must be an optax.GradientTransformation, got {base_optimizer!r}"
-        )
+    _checks.check_transformation("base_optimizer", base_optimizer)
     return optax.chain(
         base_optimizer,
         scale_by_lerac(
@@ -528,7 +515,9 @@ def lerac_schedules(
       A tuple of ``n`` schedules ``count -> rate``, indexed by depth.
 
     Raises:
-      ValueError: as :func:`scale_by_lerac`, or for a missing or bad ``num_depths``.
+      TypeError: as :func:`scale_by_lerac`, or for ``num_depths`` missing (without
+        ``initial_scales``) or not an int.
+      ValueError: as :func:`scale_by_lerac`, or for ``num_depths < 1``.
 
     Examples:
       >>> import optax
@@ -540,7 +529,7 @@ def lerac_schedules(
       ...      for j, s in enumerate(scheds)},
       ...     {"a": 0, "b": 1, "c": 2})
     """
-    _validate(
+    k, steps_per_tick = _validate(
         k=k,
         initial_scales=initial_scales,
         decay=decay,
@@ -553,10 +542,9 @@ def lerac_schedules(
     )
     if num_depths is None:
         if initial_scales is None:
-            raise ValueError("num_depths is required when initial_scales is not given")
+            raise TypeError("num_depths is required when initial_scales is not given, got None")
         num_depths = len(initial_scales)
-    if not _is_int(num_depths) or num_depths < 1:
-        raise ValueError(f"num_depths must be an int >= 1, got {num_depths!r}")
+    num_depths = _checks.check_int("num_depths", num_depths, low=1, static=True)
     r = _resolve_scales(num_depths, initial_scales, decay, min_scale, head_scale)
     rc = _concrete(r)
     if rc is not None:

@@ -21,12 +21,13 @@ batch statistics when ``train=True``) and return logits of shape ``(batch, num_c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from optax_multirate import _checks
 
 __all__ = ["MLP", "CNN", "ResNet", "max_pool_2x2", "widths"]
 
@@ -35,33 +36,32 @@ def widths(base: Sequence[int], multiplier: float = 1.0, *, minimum: int = 1) ->
     """Scales per-layer widths by a multiplier.
 
     Args:
-      base: per-layer widths at multiplier 1.
+      base: per-layer widths at multiplier 1 (positive ints).
       multiplier: positive scale.
-      minimum: smallest width returned.
+      minimum: smallest width returned (an int >= 1).
 
     Returns:
       ``tuple(max(minimum, round(w * multiplier)) for w in base)``.
 
     Raises:
-      ValueError: if ``multiplier`` is not a positive finite number.
+      TypeError: if ``base`` is not a sequence of ints, ``multiplier`` not a number or
+        ``minimum`` not an int.
+      ValueError: if ``multiplier`` is not a positive finite number, a base width or
+        ``minimum`` is below 1.
 
     Examples:
       >>> widths((16, 32, 64), 0.25)
       (4, 8, 16)
     """
-    if isinstance(multiplier, bool) or not (
-        isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0
-    ):
-        raise ValueError(f"multiplier must be a positive finite number, got {multiplier!r}")
-    return tuple(max(minimum, int(round(w * multiplier))) for w in base)
+    base = _checks.check_int_sequence("base", base, low=1)
+    _checks.check_real("multiplier", multiplier, low=0.0, low_open=True)
+    minimum = _checks.check_int("minimum", minimum, low=1)
+    return tuple(max(minimum, int(round(w * float(multiplier)))) for w in base)
 
 
 def _check_widths(name: str, ws: Sequence[int], allow_empty: bool = False) -> None:
-    if not allow_empty and len(ws) == 0:
-        raise ValueError(f"{name} must not be empty, got {ws!r}")
-    for w in ws:
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"{name} must hold positive ints, got {tuple(ws)!r}")
+    """Per-layer widths (or counts): positive ints, at least one unless ``allow_empty``."""
+    _checks.check_int_sequence(name, ws, low=1, min_len=0 if allow_empty else 1)
 
 
 def _windows(x: jax.Array) -> jax.Array:

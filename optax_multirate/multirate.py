@@ -23,7 +23,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
 from optax_multirate.phases import PhaseTag, phase_tag, set_phase, zero_unread
 
@@ -53,40 +53,12 @@ RANDOM = "random"
 #: Labels read by each phase of :func:`multirate`: 0 = cycle start, 1 = fast-only step.
 PHASE_READS: dict[int, frozenset[str]] = {0: frozenset({FAST, SLOW}), 1: frozenset({FAST})}
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- helpers
 
 
-def _concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_k(k: Any, name: str = "k") -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"{name} must be a Python int >= 1 (static: pass it in static_args under "
-            f"optax.inject_hyperparams), got {k!r}"
-        )
-
-
-def _check_range(value: Any, name: str, lo: float, hi: float, lo_open: bool, hi_open: bool):
-    """Checks a concrete scalar lies in an interval (traced values are skipped)."""
-    if callable(value) or not _concrete(value):
-        return
-    if isinstance(value, (str, bytes, bool)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a number, got {value!r}") from e
-    ok = math.isfinite(v) or (hi == math.inf and v == math.inf and not hi_open)
-    ok = ok and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be finite and in {interval}, got {value!r}")
-
-
-def _check_lr(learning_rate: Any) -> None:
-    _check_range(learning_rate, "learning_rate", 0.0, math.inf, True, True)
+def _check_lr_momentum(learning_rate: Any, momentum: Any) -> None:
+    _checks.check_real("learning_rate", learning_rate, low=0.0, low_open=True, allow_schedule=True)
+    _checks.check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
 
 
 def _lr_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
@@ -178,7 +150,7 @@ def multirate(
     Args:
       fast_tx: optimizer of the fast leaves (called every step, on fast leaves only).
       slow_tx: optimizer of the slow leaves (called once per cycle: its count counts cycles).
-      k: cycle length, a static Python int ``>= 1``.
+      k: cycle length, an int ``>= 1`` (static).
       param_labels: tree (or callable ``params -> tree``) of ``"fast"``/``"slow"`` labels
         matching the params, as for ``optax.partition`` (e.g. from
         :func:`optax_multirate.rule_labels`).
@@ -190,9 +162,11 @@ def multirate(
       state is a :class:`MultirateState`.
 
     Raises:
-      ValueError: if ``k`` is not an int ``>= 1``; at ``init`` if a label is not ``"fast"`` or
-        ``"slow"``, the labels do not match the params, or no leaf is labelled ``"fast"`` or
-        ``"slow"``.
+      TypeError: if ``k`` is not an int (Python or numpy; a traced ``k``: pass it in
+        ``static_args``), ``fast_tx`` or ``slow_tx`` is not an ``optax.GradientTransformation``
+        or ``linear_drift`` is not a bool.
+      ValueError: if ``k < 1``; at ``init`` if a label is not ``"fast"`` or ``"slow"``, the
+        labels do not match the params, or no leaf is labelled ``"fast"`` or ``"slow"``.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -217,15 +191,10 @@ def multirate(
       ``update`` once per ``every_k`` steps): do not wrap ``multirate`` in it. Under
       ``optax.inject_hyperparams`` pass ``k`` and ``param_labels`` in ``static_args``.
     """
-    _check_k(k)
-    for arg, tx in (("fast_tx", fast_tx), ("slow_tx", slow_tx)):
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(
-                f"{arg} must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
-                f"optax.sgd), got {tx!r}"
-            )
-    if not isinstance(linear_drift, bool):
-        raise ValueError(f"linear_drift must be a bool, got {linear_drift!r}")
+    k = _checks.check_int("k", k, low=1, static=True)
+    _checks.check_transformation("fast_tx", fast_tx)
+    _checks.check_transformation("slow_tx", slow_tx)
+    linear_drift = _checks.check_bool("linear_drift", linear_drift)
     labels_fn = _labels_fn(param_labels, {FAST, SLOW})
     if k == 1:  # every step is a cycle start: the plain partition (bitwise, no lax.cond)
         slow = slow_tx
@@ -287,7 +256,7 @@ def multirate_sgd(
     Args:
       learning_rate: the fast step :math:`h_F` (float > 0 or a schedule of the global step;
         the slow part uses ``k * schedule(t)`` at each cycle start ``t``).
-      k: cycle length, a static Python int ``>= 1``.
+      k: cycle length, an int ``>= 1`` (static).
       param_labels: ``"fast"``/``"slow"`` label tree or callable, as for :func:`multirate`.
       momentum: :math:`\mu` in ``[0, 1)``.
       linear_drift: Algorithm 1's drift (default) or one slow jump per cycle.
@@ -297,8 +266,10 @@ def multirate_sgd(
       A :func:`multirate` transformation (state :class:`MultirateState`).
 
     Raises:
+      TypeError: for an argument of the wrong type (a string or None for a number, a float
+        ``k``, ...).
       ValueError: for ``learning_rate`` not finite and > 0, ``momentum`` outside ``[0, 1)``,
-        ``weight_decay`` < 0, or a bad ``k``; at ``init`` as :func:`multirate`.
+        ``weight_decay`` < 0 or not finite, or ``k < 1``; at ``init`` as :func:`multirate`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -317,10 +288,9 @@ def multirate_sgd(
       Vlaar & Leimkuhler, `Multirate Training of Neural Networks
       <https://arxiv.org/abs/2106.10771>`_, ICML 2022.
     """
-    _check_k(k)
-    _check_lr(learning_rate)
-    _check_range(momentum, "momentum", 0.0, 1.0, False, True)
-    _check_range(weight_decay, "weight_decay", 0.0, math.inf, False, True)
+    k = _checks.check_int("k", k, low=1, static=True)
+    _check_lr_momentum(learning_rate, momentum)
+    _checks.check_real("weight_decay", weight_decay, low=0.0)
     if callable(learning_rate):
         schedule = learning_rate
         slow_lr: optax.ScalarOrSchedule = lambda c: k * schedule(c * k)
@@ -407,7 +377,7 @@ def multirate_subgroups(
 
     Args:
       learning_rate: the fast step :math:`h_F` (float > 0 or a schedule of the step count).
-      k: fast steps per cycle, a static Python int ``>= 1``.
+      k: fast steps per cycle, an int ``>= 1`` (static).
       slow_fraction: probability :math:`q` that an entry is slow, in ``(0, 1)``.
       seed: seed of the mask draws: an int, or a raw ``uint32[2]`` key (which may be traced,
         e.g. to build one state per seed under ``jax.vmap``).
@@ -419,9 +389,11 @@ def multirate_subgroups(
       A ``GradientTransformationExtraArgs`` with state :class:`MultirateSubgroupsState`.
 
     Raises:
-      ValueError: for a bad ``k``, ``learning_rate``, ``momentum`` or ``slow_fraction`` outside
-        ``(0, 1)``; at ``init`` for labels other than ``"random"``/``"fast"``, labels that do
-        not match the params, or no ``"random"`` leaf.
+      TypeError: for an argument of the wrong type (a float ``k``, a ``seed`` that is neither
+        an int nor a ``uint32[2]`` key, a string for a number, ...).
+      ValueError: for ``k < 1``, ``learning_rate`` not finite and > 0, ``momentum`` outside
+        ``[0, 1)`` or ``slow_fraction`` outside ``(0, 1)``; at ``init`` for labels other than
+        ``"random"``/``"fast"``, labels that do not match the params, or no ``"random"`` leaf.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -441,16 +413,15 @@ def multirate_subgroups(
       Vlaar & Leimkuhler, `Multirate Training of Neural Networks
       <https://arxiv.org/abs/2106.10771>`_, ICML 2022.
     """
-    _check_k(k)
-    _check_lr(learning_rate)
-    _check_range(momentum, "momentum", 0.0, 1.0, False, True)
-    _check_range(slow_fraction, "slow_fraction", 0.0, 1.0, True, True)
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        base_key = jax.random.PRNGKey(seed)
-    elif hasattr(seed, "dtype") and jnp.shape(seed) == (2,) and seed.dtype == jnp.uint32:
+    k = _checks.check_int("k", k, low=1, static=True)
+    _check_lr_momentum(learning_rate, momentum)
+    _checks.check_real(
+        "slow_fraction", slow_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    if isinstance(seed, (np.ndarray, jax.Array)) and seed.shape == (2,) and seed.dtype == np.uint32:
         base_key = seed  # a raw key, e.g. one per seed under jax.vmap
     else:
-        raise ValueError(f"seed must be an int or a uint32[2] PRNG key, got {seed!r}")
+        base_key = jax.random.PRNGKey(_checks.check_int("seed", seed, static=True))
 
     def eligible(params):
         by_path = _subgroup_labels(params, param_labels)
@@ -600,9 +571,12 @@ def multirate_timescales(
       ``update`` needs ``params``.
 
     Raises:
-      ValueError: for ``multipliers`` that are fewer than two, not increasing ints or not each
-        dividing the next, or a bad ``learning_rate``, ``momentum`` or ``weight_decay``; at
-        ``update`` if ``params`` is None.
+      TypeError: for ``multipliers`` that is not a sequence of ints, or a number argument of
+        the wrong type.
+      ValueError: for ``multipliers`` that are fewer than two, not positive, not increasing or
+        not each dividing the next, or a bad ``learning_rate``, ``momentum`` or
+        ``weight_decay``; at ``update`` if ``params`` is None (as optax's transformations that
+        need params).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -623,19 +597,15 @@ def multirate_timescales(
       <https://arxiv.org/abs/2106.10771>`_, ICML 2022; the "several brains" form follows
       the authors' NUMDIFF-16 slides.
     """
-    ms = tuple(multipliers) if isinstance(multipliers, Sequence) else None
-    ok = ms is not None and len(ms) >= 2
-    ok = ok and all(isinstance(m, (int, np.integer)) and not isinstance(m, bool) for m in ms)
-    ok = ok and ms[0] >= 1 and all(b > a and b % a == 0 for a, b in zip(ms, ms[1:]))
-    if not ok:
+    ms = _checks.check_int_sequence("multipliers", multipliers, low=1, min_len=2)
+    if not all(b > a and b % a == 0 for a, b in zip(ms, ms[1:])):
         raise ValueError(
-            "multipliers must be at least two increasing positive ints, each dividing the "
-            f"next (e.g. (1, 10) or (1, 5, 25)), got {multipliers!r}"
+            "multipliers must be increasing, each dividing the next (e.g. (1, 10) or "
+            f"(1, 5, 25)), got {multipliers!r}"
         )
-    _check_lr(learning_rate)
-    _check_range(momentum, "momentum", 0.0, 1.0, False, True)
-    _check_range(weight_decay, "weight_decay", 0.0, math.inf, False, True)
-    periods = tuple(int(m) // int(ms[0]) for m in ms)
+    _check_lr_momentum(learning_rate, momentum)
+    _checks.check_real("weight_decay", weight_decay, low=0.0)
+    periods = tuple(m // ms[0] for m in ms)
 
     def init_fn(params):
         zeros = optax.tree.zeros_like(params)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -106,7 +106,9 @@ def phase_tag(
       A tag whose ``reads`` covers every leaf of ``params``.
 
     Raises:
-      ValueError: if the phases are not ``0..n-1`` or ``labels`` does not match ``params``.
+      TypeError: if ``reads`` is not a mapping or ``phase`` is not an int.
+      ValueError: if the phases are not ``0..n-1``, ``phase`` is not one of them, or
+        ``labels`` does not match ``params``.
 
     Examples:
       >>> p = {"body": {"kernel": 0.0}, "head": {"kernel": 0.0}}
@@ -115,8 +117,10 @@ def phase_tag(
       >>> t.paths, t.reads
       (('body/kernel', 'head/kernel'), ((True, True), (False, True)))
     """
+    _checks.check_instance("reads", reads, Mapping)
     if sorted(reads) != list(range(len(reads))) or not reads:
         raise ValueError(f"reads must have phases 0..n-1 as keys, got {sorted(reads)!r}")
+    _checks.check_int("phase", phase, low=0, high=len(reads) - 1)
     by_path = labels_lib.check_labels(labels, params, name="labels")
     paths = tuple(labels_lib.leaf_paths(params))
     table = tuple(tuple(by_path[p] in set(reads[ph]) for p in paths) for ph in range(len(reads)))
@@ -124,7 +128,12 @@ def phase_tag(
 
 
 def set_phase(tag: PhaseTag, phase: jax.typing.ArrayLike) -> PhaseTag:
-    """Returns ``tag`` with a new (traced or concrete) phase."""
+    """Returns ``tag`` with a new (traced or concrete) phase.
+
+    Raises:
+      TypeError: if ``tag`` is not a :class:`PhaseTag`.
+    """
+    _checks.check_instance("tag", tag, PhaseTag)
     return tag.replace(phase=jnp.asarray(phase, jnp.int32))
 
 
@@ -528,9 +537,12 @@ def freeze_schedule(
       A ``GradientTransformationExtraArgs``; extra args are passed on to ``inner``.
 
     Raises:
-      TypeError: if ``inner`` is not an ``optax.GradientTransformation``.
-      ValueError: for an interval that is not ``0 <= start < stop``, and at ``init`` for labels
-        that do not match the params or a frozen label that labels no leaf.
+      TypeError: if ``inner`` is not an ``optax.GradientTransformation``, ``frozen`` is not a
+        mapping, an interval is not a ``(start, stop)`` pair or holds a non-int (Python and
+        numpy ints are accepted).
+      ValueError: for an empty ``frozen``, an interval that is not ``0 <= start < stop``, and
+        at ``init`` for labels that do not match the params or a frozen label that labels no
+        leaf.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -544,24 +556,11 @@ def freeze_schedule(
       0.0 -1.0 1
       -1.0 -1.0 1
     """
-    if not isinstance(frozen, Mapping) or not frozen:
-        raise ValueError(
-            f"frozen must be a non-empty mapping label -> (start, stop), got {frozen!r}"
-        )
-    for lab, iv in frozen.items():
-        ok = isinstance(iv, tuple) and len(iv) == 2
-        a, b = iv if ok else (None, None)
-        ok = ok and isinstance(a, int) and not isinstance(a, bool) and a >= 0
-        ok = ok and (b is None or (isinstance(b, int) and not isinstance(b, bool) and b > a))
-        if not ok:
-            raise ValueError(
-                f"frozen[{lab!r}] must be (start, stop) ints with 0 <= start < stop, got {iv!r}"
-            )
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
-            f"optax.sgd), got {inner!r}"
-        )
+    _checks.check_transformation("inner", inner)
+    _checks.check_instance("frozen", frozen, Mapping)
+    if not frozen:
+        raise ValueError(f"frozen must name at least one label -> (start, stop), got {frozen!r}")
+    frozen = {lab: _check_interval(f"frozen[{lab!r}]", iv) for lab, iv in frozen.items()}
     inner = optax.with_extra_args_support(inner)
     bounds = sorted({0} | {v for iv in frozen.values() for v in iv if v is not None})
     # segment i covers [bounds[i], bounds[i+1]); its frozen labels:
@@ -593,3 +592,16 @@ def freeze_schedule(
         return u, FreezeScheduleState(count, inner_state, tag)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_interval(name: str, iv: Any) -> tuple[int, int | None]:
+    """A ``(start, stop)`` pair of ints, ``0 <= start < stop`` (``stop`` may be None)."""
+    what = f"{name} must be (start, stop) ints with 0 <= start < stop (stop may be None)"
+    if isinstance(iv, (str, bytes)) or not isinstance(iv, Sequence) or len(iv) != 2:
+        raise TypeError(f"{what}, got {iv!r}")
+    try:
+        start = _checks.check_int("start", iv[0], low=0)
+        stop = _checks.check_int("stop", iv[1], low=start + 1, optional=True)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{what}, got {iv!r}: {e}") from None
+    return start, stop

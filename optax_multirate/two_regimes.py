@@ -18,8 +18,8 @@ the whole run; :func:`phase_of` and ``state.switched_at`` tell a loop where it s
 
 The rules the paper leaves open are the library's choices: the preset runs constant-rate SGD
 without momentum, then ``adam(1e-3)``, switching at 0.8 of the budget, with the same coupled
-weight decay in both phases; the phase-1 state is re-initialised at the switch. The docs page (``docs/two_regimes.md``,
-"Our choices where the paper is silent") gives the reasons.
+weight decay in both phases; the phase-1 state is re-initialised at the switch. The docs page
+(``docs/two_regimes.md``, "Our choices where the paper is silent") gives the reasons.
 
 Phase protocol: two regimes reads every gradient in both phases (it saves tuning runs, not
 backward work). Its state still carries a :class:`~optax_multirate.phases.PhaseTag` declaring
@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from optax_multirate import _checks
 from optax_multirate.phases import PhaseTag, phase_tag, set_phase
 
 __all__ = [
@@ -56,44 +54,6 @@ __all__ = [
 ]
 
 _ALL = "all"
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _is_int(x: Any) -> bool:
-    """True for a Python int or a concrete integer scalar array (never for a bool)."""
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, int):
-        return True
-    return (
-        isinstance(x, jax.Array | np.ndarray | np.integer)
-        and not _is_traced(x)
-        and jnp.ndim(x) == 0
-        and jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
-    )
-
-
-def _check_int(name: str, x: Any, low: int) -> None:
-    if _is_traced(x):
-        return
-    if not _is_int(x) or int(x) < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
-
-
-def _check_real(name: str, x: Any, low: float, high: float, *, low_open: bool) -> None:
-    if _is_traced(x):
-        return
-    ok = (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (
-        isinstance(x, jax.Array) and jnp.ndim(x) == 0
-    )
-    v = float(x) if ok else math.nan
-    ok = ok and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}], got {x!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +76,8 @@ class PlateauTrigger:
       max_large_steps: switch at this call count at the latest; None means no cap.
 
     Raises:
+      TypeError: naming the attribute, for a value of the wrong type (a float or bool for an
+        int; Python and numpy ints are accepted).
       ValueError: naming the attribute, for a value outside the ranges above or
         ``max_large_steps < min_large_steps``.
 
@@ -132,18 +94,24 @@ class PlateauTrigger:
     max_large_steps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("patience", "accumulation_size"):
-            x = getattr(self, name)
-            if not (isinstance(x, int) and not isinstance(x, bool) and x >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-        _check_real("rtol", self.rtol, 0.0, 1.0, low_open=False)
-        _check_real("atol", self.atol, 0.0, math.inf, low_open=False)
+        ints = {
+            "patience": _checks.check_int("patience", self.patience, low=1),
+            "accumulation_size": _checks.check_int(
+                "accumulation_size", self.accumulation_size, low=1
+            ),
+            "min_large_steps": _checks.check_int(
+                "min_large_steps", self.min_large_steps, low=0, optional=True
+            ),
+            "max_large_steps": _checks.check_int(
+                "max_large_steps", self.max_large_steps, low=0, optional=True
+            ),
+        }
+        for name, v in ints.items():  # numpy ints become Python ints (hashing, printing)
+            object.__setattr__(self, name, v)
+        _checks.check_real("rtol", self.rtol, low=0.0, high=1.0)
+        _checks.check_real("atol", self.atol, low=0.0)
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol must not both be 0, got rtol=0 and atol=0")
-        for name in ("min_large_steps", "max_large_steps"):
-            x = getattr(self, name)
-            if x is not None and not (isinstance(x, int) and not isinstance(x, bool) and x >= 0):
-                raise ValueError(f"{name} must be None or an int >= 0, got {x!r}")
         lo, hi = self.min_large_steps, self.max_large_steps
         if lo is not None and hi is not None and hi < lo:
             raise ValueError(f"max_large_steps must be >= min_large_steps ({lo}), got {hi!r}")
@@ -288,13 +256,14 @@ def two_regimes(
       value=None, switch=None, **extra)`` returns ``(updates, TwoRegimesState)``.
 
     Raises:
-      TypeError: if ``large_step`` or ``small_step`` is not an ``optax.GradientTransformation``
-        or ``plateau`` is not a :class:`PlateauTrigger`.
-      ValueError: if no trigger is given, ``switch_step`` is not an int >= 0 (bools rejected),
-        ``signal`` or ``reinit_small_at_switch`` is not a bool; at trace time in ``update``:
-        ``value`` missing or not a scalar with ``plateau``, ``switch`` missing (``signal=True``)
-        or passed (``signal=False``) or not a scalar, ``params`` None with re-init on, or the two
-        optimizers' updates differing in structure or dtype.
+      TypeError: if ``large_step`` or ``small_step`` is not an ``optax.GradientTransformation``,
+        ``plateau`` is not a :class:`PlateauTrigger`, ``switch_step`` is not an int (Python or
+        numpy; bools rejected), or ``signal`` or ``reinit_small_at_switch`` is not a bool; at
+        trace time in ``update``: ``value`` missing (with ``plateau``) or not a scalar,
+        ``switch`` missing (``signal=True``), passed (``signal=False``) or not a scalar.
+      ValueError: if no trigger is given or ``switch_step < 0``; at trace time in ``update``:
+        ``params`` None with re-init on (as optax's transformations that need params), or the
+        two optimizers' updates differing in structure or dtype.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -312,16 +281,12 @@ def two_regimes(
       Leclerc and Madry, `The Two Regimes of Deep Network Training
       <https://arxiv.org/abs/2002.10376>`_, 2020.
     """
-    for name, tx in (("large_step", large_step), ("small_step", small_step)):
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(f"{name} must be an optax.GradientTransformation, got {tx!r}")
-    if plateau is not None and not isinstance(plateau, PlateauTrigger):
-        raise TypeError(f"plateau must be a PlateauTrigger or None, got {plateau!r}")
-    for name, flag in (("signal", signal), ("reinit_small_at_switch", reinit_small_at_switch)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if switch_step is not None:
-        _check_int("switch_step", switch_step, 0)
+    _checks.check_transformation("large_step", large_step)
+    _checks.check_transformation("small_step", small_step)
+    _checks.check_instance("plateau", plateau, PlateauTrigger, optional=True)
+    signal = _checks.check_bool("signal", signal)
+    reinit_small_at_switch = _checks.check_bool("reinit_small_at_switch", reinit_small_at_switch)
+    switch_step = _checks.check_int("switch_step", switch_step, low=0, optional=True)
     if switch_step is None and plateau is None and not signal:
         raise ValueError(
             "two_regimes needs a trigger: switch_step, plateau or signal=True; got "
@@ -360,15 +325,15 @@ def two_regimes(
         **extra: Any,
     ) -> tuple[optax.Updates, TwoRegimesState]:
         if plateau is not None and value is None:
-            raise ValueError("value= is required by the plateau trigger (plateau is set)")
-        if value is not None and jnp.ndim(value) != 0:
-            raise ValueError(f"value must be a scalar, got shape {jnp.shape(value)}")
+            raise TypeError("value= is required by the plateau trigger (plateau is set)")
+        if value is not None:
+            _checks.check_scalar("value", value)
         if signal and switch is None:
-            raise ValueError("switch= is required on every call with signal=True")
+            raise TypeError("switch= is required on every call with signal=True")
         if switch is not None and not signal:
-            raise ValueError("switch= was passed but signal=False: build with signal=True")
-        if switch is not None and jnp.ndim(switch) != 0:
-            raise ValueError(f"switch must be a scalar, got shape {jnp.shape(switch)}")
+            raise TypeError("switch= was passed but signal=False: build with signal=True")
+        if switch is not None:
+            _checks.check_scalar("switch", switch)
         if reinit_small_at_switch and params is None:
             raise ValueError(
                 "params are required by reinit_small_at_switch=True: pass params to update"
@@ -455,9 +420,12 @@ def two_regimes_sgd(
       A :func:`two_regimes` transformation.
 
     Raises:
-      ValueError: naming the argument, for ``lr_large`` not finite and > 0, ``total_steps``
-        not an int >= 1, ``large_fraction`` outside (0, 1], or ``weight_decay`` < 0.
-      TypeError: if ``small_step`` is neither None nor an ``optax.GradientTransformation``.
+      TypeError: naming the argument, for a value of the wrong type: a string or bool for a
+        number, ``total_steps`` not an int (Python or numpy), ``total_steps`` or
+        ``large_fraction`` traced (pass them in ``static_args``), or ``small_step`` neither
+        None nor an ``optax.GradientTransformation``.
+      ValueError: naming the argument, for ``lr_large`` not finite and > 0,
+        ``total_steps < 1``, ``large_fraction`` outside (0, 1], or ``weight_decay`` < 0.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -469,24 +437,21 @@ def two_regimes_sgd(
       >>> print(int(phase_of(s)), int(s.switched_at))
       1 5
     """
-    if not _is_traced(lr_large):
-        _check_real("lr_large", lr_large, 0.0, math.inf, low_open=True)
-    _check_int("total_steps", total_steps, 1)
-    if _is_traced(total_steps):
-        raise ValueError("total_steps must be static (pass it in static_args), got a tracer")
-    _check_real("large_fraction", large_fraction, 0.0, 1.0, low_open=True)
-    if _is_traced(large_fraction):
-        raise ValueError("large_fraction must be static (pass it in static_args), got a tracer")
-    _check_real("weight_decay", weight_decay, 0.0, math.inf, low_open=False)
-    if small_step is not None and not isinstance(small_step, optax.GradientTransformation):
-        raise TypeError(f"small_step must be None or a GradientTransformation, got {small_step!r}")
-    switch_step = int(round(float(large_fraction) * int(total_steps)))
-    if switch_step >= int(total_steps):
+    _checks.check_real("lr_large", lr_large, low=0.0, low_open=True)
+    total_steps = _checks.check_int("total_steps", total_steps, low=1, static=True)
+    _checks.check_real(
+        "large_fraction", large_fraction, low=0.0, high=1.0, low_open=True, static=True
+    )
+    _checks.check_real("weight_decay", weight_decay, low=0.0)
+    if small_step is not None:
+        _checks.check_transformation("small_step", small_step)
+    switch_step = int(round(float(large_fraction) * total_steps))
+    if switch_step >= total_steps:
         logging.warning(
             "two_regimes_sgd: switch_step=%d >= total_steps=%d, so phase 1 never runs "
             "(large_fraction=%r)",
             switch_step,
-            int(total_steps),
+            total_steps,
             large_fraction,
         )
     small = small_step if small_step is not None else optax.adam(1e-3)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
 from optax_multirate.phases import PhaseTag, phase_tag, set_phase
 
@@ -116,33 +117,6 @@ def wus_phase(state: Any) -> jax.Array:
     return found[0].tag.phase
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _check_int(name: str, x: Any, low: int, *, optional: bool = False) -> None:
-    if optional and x is None:
-        return
-    if isinstance(x, bool) or not isinstance(x, int) or x < low:
-        raise ValueError(
-            f"{name} must be an int >= {low}{' or None' if optional else ''} (under "
-            f"optax.inject_hyperparams pass it in static_args), got {x!r}"
-        )
-
-
-def _check_real(name: str, x: Any, low: float, high: float, *, open_ends: bool) -> None:
-    if _is_traced(x):
-        return
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        v = math.nan
-    ok = math.isfinite(v) and (low < v < high if open_ends else low <= v <= high)
-    if isinstance(x, bool) or not ok:
-        sym = "()" if open_ends else "[]"
-        raise ValueError(f"{name} must be a number in {sym[0]}{low}, {high}{sym[1]}, got {x!r}")
-
-
 def wus(
     inner: optax.GradientTransformation,
     labels: Any,
@@ -214,10 +188,13 @@ def wus(
       ``value`` and the other extra args are passed on to ``inner``.
 
     Raises:
+      TypeError: for an argument of the wrong type (naming it): ``inner`` not an optax
+        transformation, a float or bool for an int (ints may be Python or numpy ints; a traced
+        one: pass it in ``static_args``), a string for a number, ``force_windows`` not a
+        sequence of ints. In ``update``, for a missing or non-scalar ``value``.
       ValueError: for an argument outside the ranges above (naming it); at ``init``, for
         labels that do not match the params or are not allowed, no leaf labelled ``keep``
-        (nothing would train in a window) or no other leaf (nothing to skip). In ``update``,
-        ``TypeError`` for a missing ``value`` and ``ValueError`` for a non-scalar one.
+        (nothing would train in a window) or no other leaf (nothing to skip).
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -237,32 +214,29 @@ def wus(
       Safayenikoo and Akturk, `Weight Update Skipping: Reducing Training Time for Artificial
       Neural Networks <https://arxiv.org/abs/2012.02792>`_, 2020.
     """
-    _check_real("threshold", threshold, 0.0, math.inf, open_ends=False)
-    _check_int("window", window, 1)
-    _check_int("accumulation_size", accumulation_size, 1)
-    _check_int("patience", patience, 1)
-    _check_int("warmup", warmup, 0)
-    _check_int("max_windows", max_windows, 0, optional=True)
-    if lr_factor is not None:
-        _check_real("lr_factor", lr_factor, 0.0, 1.0, open_ends=True)
-    _check_real("min_lr_scale", min_lr_scale, 0.0, 1.0, open_ends=False)
+    _checks.check_transformation("inner", inner)
+    _checks.check_real("threshold", threshold, low=0.0)
+    window = _checks.check_int("window", window, low=1, static=True)
+    accumulation_size = _checks.check_int(
+        "accumulation_size", accumulation_size, low=1, static=True
+    )
+    patience = _checks.check_int("patience", patience, low=1, static=True)
+    warmup = _checks.check_int("warmup", warmup, low=0, static=True)
+    max_windows = _checks.check_int("max_windows", max_windows, low=0, optional=True, static=True)
+    _checks.check_real(
+        "lr_factor", lr_factor, low=0.0, high=1.0, low_open=True, high_open=True, optional=True
+    )
+    _checks.check_real("min_lr_scale", min_lr_scale, low=0.0, high=1.0)
     if isinstance(keep, str) or not isinstance(keep, Collection):
         keep = (keep,)
     keep_set = frozenset(keep)
     if not keep_set:
         raise ValueError(f"keep must name at least one label, got {keep!r}")
     if force_windows is not None:
-        force_windows = tuple(force_windows)
-        for p in force_windows:
-            _check_int(f"force_windows (entry {p!r} of {force_windows!r})", p, 1)
+        force_windows = _checks.check_int_sequence("force_windows", force_windows, low=1)
         if len(set(force_windows)) != len(force_windows):
             raise ValueError(f"force_windows must not repeat a period, got {force_windows!r}")
     allowed = {"weight", "bias"} | keep_set
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation (e.g. optax.sgd(0.1), not "
-            f"optax.sgd), got {inner!r}"
-        )
     inner = optax.with_extra_args_support(inner)
 
     def split(weights_active: jax.Array | bool, groups: Any) -> optax.GradientTransformation:
@@ -325,9 +299,7 @@ def wus(
                 )
             v_in = jnp.asarray(math.nan, jnp.float32)
         else:
-            v_in = jnp.asarray(value, jnp.float32)
-            if v_in.ndim != 0:
-                raise ValueError(f"wus: value must be a scalar, got shape {v_in.shape}")
+            v_in = jnp.asarray(_checks.check_scalar("value", value), jnp.float32)
             extra = dict(extra, value=value)
         in_window = state.tag.phase > 0
         groups, _ = groups_of(updates)

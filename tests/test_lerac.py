@@ -266,12 +266,28 @@ def test_resnet_depth_order_blocks_bn_head():
     "kwargs,match",
     [
         (dict(), "k"),
-        (dict(k=-1), "k"),
         (dict(k=2.5), "k"),
         (dict(k=True), "k"),
+        (dict(k="3"), "k"),
+        (dict(k=3, steps_per_tick=1.5), "steps_per_tick"),
+        (dict(k=3, c="10"), "c"),
+        (dict(k=3, decay=None), "decay"),
+        (dict(k=3, initial_scales="ab"), "initial_scales"),
+        (dict(k=3, initial_scales=(1.0, "x")), "initial_scales"),
+        (dict(k=3, allow_non_monotone=1), "allow_non_monotone"),
+    ],
+)
+def test_constructor_type_errors(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        scale_by_lerac({"a": 0}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=-1), "k"),
         (dict(k=3, mode="linear"), "mode"),
         (dict(k=3, steps_per_tick=0), "steps_per_tick"),
-        (dict(k=3, steps_per_tick=1.5), "steps_per_tick"),
         (dict(k=3, c=0.0), "c"),
         (dict(k=3, c=1.0), "c"),
         (dict(mode="staircase", c=0.5), "c"),
@@ -300,22 +316,28 @@ def test_non_monotone_allowed_on_request():
 
 
 @pytest.mark.parametrize(
-    "labels,kwargs,match",
+    "labels,kwargs,match,exc",
     [
-        ({"a": 0}, dict(k=2), "no label"),  # leaf b unlabelled
-        ({"a": 0, "b": "x"}, dict(k=2), "int depth"),
-        ({"a": 0, "b": 1.0}, dict(k=2), "int depth"),
-        ({"a": 0, "b": -1}, dict(k=2), "negative"),
-        ({"a": 0, "b": 2}, dict(k=2), "depth 1 labels no param"),
-        ({"a": 0, "b": 3}, dict(k=2, initial_scales=(1.0, 0.1)), "outside"),
-        ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0, 0.1, 0.01)), "initial_scales has 3"),
-        ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0,)), "initial_scales"),
-        ({"a": 0, "b": 1}, dict(k=0, mode="staircase"), "k"),  # derived at init: needs 1
+        ({"a": 0}, dict(k=2), "no label", ValueError),  # leaf b unlabelled
+        ({"a": 0, "b": "x"}, dict(k=2), "label at 'b' must be an int", TypeError),
+        ({"a": 0, "b": 1.0}, dict(k=2), "label at 'b' must be an int", TypeError),
+        ({"a": 0, "b": -1}, dict(k=2), "label at 'b' must be an int >= 0", ValueError),
+        ({"a": 0, "b": 2}, dict(k=2), "depth 1 labels no param", ValueError),
+        ({"a": 0, "b": 3}, dict(k=2, initial_scales=(1.0, 0.1)), "outside", ValueError),
+        (
+            {"a": 0, "b": 1},
+            dict(k=2, initial_scales=(1.0, 0.1, 0.01)),
+            "initial_scales has 3",
+            ValueError,
+        ),
+        ({"a": 0, "b": 1}, dict(k=2, initial_scales=(1.0,)), "initial_scales", ValueError),
+        # derived at init: needs 1
+        ({"a": 0, "b": 1}, dict(k=0, mode="staircase"), "k", ValueError),
     ],
 )
-def test_init_errors(labels, kwargs, match):
+def test_init_errors(labels, kwargs, match, exc):
     tx = scale_by_lerac(labels, **kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         tx.init({"a": jnp.zeros(()), "b": jnp.zeros(())})
 
 
@@ -329,13 +351,15 @@ def test_single_depth_warns_plain_warmup(caplog):
 
 
 def test_lerac_errors():
-    with pytest.raises(ValueError, match="base_optimizer"):
+    with pytest.raises(TypeError, match="base_optimizer"):
         lerac(0.1, {"a": 0}, k=1)
-    with pytest.raises(ValueError, match="num_depths"):
+    with pytest.raises(TypeError, match="num_depths"):
         lerac_schedules(0.1, k=2)
+    with pytest.raises(TypeError, match="num_depths"):
+        lerac_schedules(0.1, 2.0, k=2)
     with pytest.raises(ValueError, match="num_depths"):
         lerac_schedules(0.1, 0, k=2)
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(TypeError, match="k"):
         lerac_schedules(0.1, 3)
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from optax_multirate.models import CNN, MLP, ResNet, widths
@@ -57,6 +58,20 @@ def test_widths_and_errors():
         ResNet(stage_features=(4, 8), blocks_per_stage=(1,)).init(
             jax.random.key(0), jnp.ones((1, 8, 8, 1))
         )
+    with pytest.raises(ValueError, match="features"):
+        MLP(features=(4, 0)).init(jax.random.key(0), jnp.ones((1, 3)))
+    # wrong types are TypeErrors; numpy ints are ints
+    with pytest.raises(TypeError, match="multiplier"):
+        widths((4,), "2")
+    with pytest.raises(TypeError, match="base"):
+        widths((4.0,), 2)
+    with pytest.raises(TypeError, match="features"):
+        CNN(features=(4.0,)).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(TypeError, match="stage_features"):
+        ResNet(stage_features="48").init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    assert widths((np.int64(16),), np.float32(0.5), minimum=np.int32(1)) == (8,)
+    p = MLP(features=(np.int32(3),)).init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+    assert p["Dense_0"]["kernel"].shape == (2, 3)
 
 
 def test_max_pool_2x2_equals_flax_max_pool():

@@ -225,23 +225,24 @@ def test_jit_equals_no_jit_all_variants():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, match, exc",
     [
-        ({"k": 0}, "k"),
-        ({"k": True}, "k"),
-        ({"k": 2.0}, "k"),
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"learning_rate": -1.0}, "learning_rate"),
-        ({"learning_rate": float("nan")}, "learning_rate"),
-        ({"learning_rate": float("inf")}, "learning_rate"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"momentum": -0.1}, "momentum"),
-        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"k": 0}, "k", ValueError),
+        ({"k": True}, "k", TypeError),
+        ({"k": 2.0}, "k", TypeError),
+        ({"learning_rate": 0.0}, "learning_rate", ValueError),
+        ({"learning_rate": -1.0}, "learning_rate", ValueError),
+        ({"learning_rate": float("nan")}, "learning_rate", ValueError),
+        ({"learning_rate": float("inf")}, "learning_rate", ValueError),
+        ({"learning_rate": "0.1"}, "learning_rate", TypeError),
+        ({"momentum": 1.0}, "momentum", ValueError),
+        ({"momentum": -0.1}, "momentum", ValueError),
+        ({"weight_decay": -1e-4}, "weight_decay", ValueError),
     ],
 )
-def test_multirate_sgd_constructor_errors(kwargs, match):
+def test_multirate_sgd_constructor_errors(kwargs, match, exc):
     args = {"learning_rate": 0.1, "k": 2, "param_labels": LABELS, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         multirate_sgd(**args)
 
 
@@ -278,9 +279,15 @@ def test_subgroups_constructor_errors(kwargs, match):
         multirate_subgroups(**args)
 
 
-@pytest.mark.parametrize("multipliers", [(1,), (1, 1), (2, 1), (1, 3, 5), (1, 2.0), (0, 2)])
+@pytest.mark.parametrize("multipliers", [(1,), (1, 1), (2, 1), (1, 3, 5), (0, 2)])
 def test_timescales_multiplier_errors(multipliers):
     with pytest.raises(ValueError, match="multipliers"):
+        multirate_timescales(0.1, multipliers)
+
+
+@pytest.mark.parametrize("multipliers", [(1, 2.0), (True, 2), "12", 10])
+def test_timescales_multiplier_type_errors(multipliers):
+    with pytest.raises(TypeError, match="multipliers"):
         multirate_timescales(0.1, multipliers)
 
 

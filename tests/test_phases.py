@@ -207,8 +207,14 @@ def test_errors():
         PhasedStep(lambda p: 0.0, "sgd")
     with pytest.raises(ValueError, match="frozen"):
         freeze_schedule(optax.sgd(0.1), {}, {"a": (3, 3)})
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(TypeError, match="frozen"):
         freeze_schedule(optax.sgd(0.1), {}, {"a": (True, 3)})
+    with pytest.raises(TypeError, match="frozen"):
+        freeze_schedule(optax.sgd(0.1), {}, {"a": (0, 2, 3)})
+    with pytest.raises(TypeError, match="frozen"):
+        freeze_schedule(optax.sgd(0.1), {}, [("a", (0, 2))])
+    with pytest.raises(ValueError, match="frozen"):
+        freeze_schedule(optax.sgd(0.1), {}, {})
     tx = freeze_schedule(optax.sgd(0.1), {"a": "x"}, {"z": (0, 1)})
     with pytest.raises(ValueError, match="'z' labels no param"):
         tx.init({"a": jnp.ones(1)})
@@ -222,3 +228,7 @@ def test_errors():
         needed_mask(s, {"a": jnp.ones(1), "c": jnp.ones(1)})
     with pytest.raises(ValueError, match="phases 0..n-1"):
         om.phase_tag({"a": 1.0}, {"a": "x"}, {1: {"x"}})
+    with pytest.raises(ValueError, match="phase"):
+        om.phase_tag({"a": 1.0}, {"a": "x"}, {0: {"x"}}, phase=1)
+    with pytest.raises(TypeError, match="reads"):
+        om.phase_tag({"a": 1.0}, {"a": "x"}, [{"x"}])

@@ -420,6 +420,10 @@ def test_preset_warns_when_it_never_switches(caplog):
         ({"large_step": "sgd"}, "large_step"),
         ({"small_step": None}, "small_step"),
         ({"plateau": {"patience": 3}}, "plateau"),
+        ({"switch_step": True}, "switch_step"),
+        ({"switch_step": 2.0}, "switch_step"),
+        ({"signal": 1}, "signal"),
+        ({"reinit_small_at_switch": None}, "reinit_small_at_switch"),
     ],
 )
 def test_constructor_type_errors(kwargs, match):
@@ -433,11 +437,7 @@ def test_constructor_type_errors(kwargs, match):
     "kwargs,match",
     [
         ({"switch_step": None}, "trigger"),
-        ({"switch_step": True}, "switch_step"),
-        ({"switch_step": 2.0}, "switch_step"),
         ({"switch_step": -1}, "switch_step"),
-        ({"signal": 1}, "signal"),
-        ({"reinit_small_at_switch": None}, "reinit_small_at_switch"),
     ],
 )
 def test_constructor_value_errors(kwargs, match):
@@ -451,7 +451,6 @@ def test_constructor_value_errors(kwargs, match):
     "kwargs,match",
     [
         ({"patience": 0}, "patience"),
-        ({"patience": True}, "patience"),
         ({"accumulation_size": 0}, "accumulation_size"),
         ({"rtol": 1.5}, "rtol"),
         ({"rtol": -0.1}, "rtol"),
@@ -469,10 +468,23 @@ def test_plateau_trigger_errors(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
+        ({"patience": True}, "patience"),
+        ({"patience": 2.0}, "patience"),
+        ({"rtol": "0.1"}, "rtol"),
+        ({"max_large_steps": 1.5}, "max_large_steps"),
+    ],
+)
+def test_plateau_trigger_type_errors(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        PlateauTrigger(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
         ({"lr_large": 0.0}, "lr_large"),
         ({"lr_large": math.inf}, "lr_large"),
         ({"total_steps": 0}, "total_steps"),
-        ({"total_steps": 10.0}, "total_steps"),
         ({"large_fraction": 0.0}, "large_fraction"),
         ({"large_fraction": 1.2}, "large_fraction"),
         ({"weight_decay": -1e-4}, "weight_decay"),
@@ -485,24 +497,30 @@ def test_preset_errors(kwargs, match):
         two_regimes_sgd(**args)
     with pytest.raises(TypeError, match="small_step"):
         two_regimes_sgd(0.1, total_steps=10, small_step="adam")
+    with pytest.raises(TypeError, match="total_steps"):
+        two_regimes_sgd(0.1, total_steps=10.0)
+    with pytest.raises(TypeError, match="lr_large"):
+        two_regimes_sgd("0.1", total_steps=10)
 
 
 def test_update_errors():
     g = {"w": jnp.ones(3), "b": jnp.ones(())}
     trig = PlateauTrigger(patience=1)
     tx = two_regimes(optax.sgd(1.0), optax.sgd(0.1), plateau=trig)
-    with pytest.raises(ValueError, match="value"):
+    with pytest.raises(TypeError, match="value"):
         tx.update(g, tx.init(PARAMS), PARAMS)
-    with pytest.raises(ValueError, match="value"):
+    with pytest.raises(TypeError, match="value"):
         tx.update(g, tx.init(PARAMS), PARAMS, value=jnp.ones(2))
     tx = two_regimes(optax.sgd(1.0), optax.sgd(0.1), switch_step=2)
-    with pytest.raises(ValueError, match="signal=False"):
+    with pytest.raises(TypeError, match="signal=False"):
         tx.update(g, tx.init(PARAMS), PARAMS, switch=True)
     with pytest.raises(ValueError, match="params"):
         tx.update(g, tx.init(PARAMS), None)
     tx = two_regimes(optax.sgd(1.0), optax.sgd(0.1), signal=True)
-    with pytest.raises(ValueError, match="switch"):
+    with pytest.raises(TypeError, match="switch"):
         tx.update(g, tx.init(PARAMS), PARAMS)
+    with pytest.raises(TypeError, match="switch"):
+        tx.update(g, tx.init(PARAMS), PARAMS, switch=jnp.ones(2, bool))
     # Branches whose updates differ in dtype: the message names both optimizers.
     to16 = optax.stateless(lambda u, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), u))
     tx = two_regimes(optax.sgd(1.0), to16, switch_step=2)

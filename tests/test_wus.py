@@ -403,7 +403,6 @@ def test_resume_mid_window_is_bitwise(mlp, tmp_path):
         (dict(threshold=math.inf), "threshold"),
         (dict(threshold=math.nan), "threshold"),
         (dict(window=0), "window"),
-        (dict(window=2.0), "window"),
         (dict(accumulation_size=0), "accumulation_size"),
         (dict(patience=0), "patience"),
         (dict(warmup=-1), "warmup"),
@@ -419,6 +418,24 @@ def test_resume_mid_window_is_bitwise(mlp, tmp_path):
 def test_constructor_errors(kwargs, name):
     _, labels = _tiny()
     with pytest.raises(ValueError, match=name):
+        wus(optax.sgd(0.1), labels, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(threshold="0.1"), "threshold"),
+        (dict(window=2.0), "window"),
+        (dict(window=True), "window"),
+        (dict(patience=None), "patience"),
+        (dict(max_windows=1.5), "max_windows"),
+        (dict(force_windows=(1.0,)), "force_windows"),
+        (dict(force_windows=3), "force_windows"),
+    ],
+)
+def test_constructor_type_errors(kwargs, name):
+    _, labels = _tiny()
+    with pytest.raises(TypeError, match=name):
         wus(optax.sgd(0.1), labels, **kwargs)
 
 
@@ -441,7 +458,7 @@ def test_init_and_update_errors():
     s = tx.init(params)
     with pytest.raises(TypeError, match="value"):
         tx.update(params, s, params)
-    with pytest.raises(ValueError, match="value"):
+    with pytest.raises(TypeError, match="value"):
         tx.update(params, s, params, value=jnp.ones(2))
     with pytest.raises(ValueError, match="WusState"):
         wus_phase(optax.sgd(0.1).init(params))
