@@ -17,16 +17,16 @@ prints one JSON object: per case the largest absolute difference of params, opti
 and model state (batch statistics), the masks each run used, step by step, the number of
 step programs compiled and of XLA backend compiles seen during the steps, the devices and
 partition specs of the state, and whether an orbax checkpoint of the 8-device state restores
-bitwise with its shardings. With no case named it also compares ``train.fit(..., mesh=)``
-with ``fit`` on one device, when ``fit`` takes a mesh.
+bitwise with its shardings. With no case named (or the case ``fit``) it also compares
+``train.fit`` with a data-parallel step (``make_train_step(..., mesh=)``) with ``fit`` on one
+device.
 
-Usage: ``python tests/_parallel_worker.py [CASE ...]`` (default: every case).
+Usage: ``python tests/_parallel_worker.py [CASE ...]`` (default: every case and ``fit``).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import pathlib
@@ -323,19 +323,19 @@ def _max_diff(a: Any, b: Any) -> float:
     return worst
 
 
-def fit_case(mesh: jax.sharding.Mesh) -> dict[str, Any] | None:
-    """``train.fit(..., mesh=)`` against ``fit`` on one device (None if fit has no ``mesh``)."""
-    if "mesh" not in inspect.signature(om.fit).parameters:
-        return None
+def fit_case(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """``train.fit`` with a step on ``mesh`` against ``fit`` with a step on one device."""
     data = _data(STEPS)
     x = np.concatenate([b["x"] for b in data])
     y = np.concatenate([b["y"] for b in data])
-    train, test = Split(x=x, y=y), Split(x=x[:BATCH], y=y[:BATCH])
+    train = Split(x=x, y=y)
     model, make_tx, _ = CASES["wus"]
-    kw = dict(epochs=2, batch_size=BATCH, seed=0, extra_args_fn=_accuracy)
+    kw = dict(epochs=2, batch_size=BATCH, seed=0)
     tx = make_tx()
-    one = om.fit(model, tx, train, test, **kw)
-    many = om.fit(model, tx, train, test, mesh=mesh, **kw)
+    one = om.fit(model, tx, train, step=om.make_train_step(model, tx, extra_args_fn=_accuracy),
+                 **kw)  # fmt: skip
+    step = om.make_train_step(model, tx, extra_args_fn=_accuracy, mesh=mesh)
+    many = om.fit(model, tx, train, step=step, **kw)
     return {
         "max_param_diff": _max_diff(jax.device_get(one.params), jax.device_get(many.params)),
         "masks_1": sorted(one.masks),
@@ -354,7 +354,7 @@ def main(argv: list[str]) -> None:
             f"expected {NUM_DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count="
             f"{NUM_DEVICES}), got {jax.device_count()}"
         )
-    names = argv or list(CASES)
+    names = [a for a in argv if a != "fit"] if argv else list(CASES)
     COUNTER.register()
     mesh = parallel.data_mesh()
     out: dict[str, Any] = {"num_devices": jax.device_count(), "cases": {}}
@@ -382,7 +382,7 @@ def main(argv: list[str]) -> None:
             "grows": "grow" in CASES[name][2],
             "checkpoint_8": many["checkpoint"],
         }
-    if not argv:
+    if not argv or "fit" in argv:
         out["fit"] = fit_case(mesh)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")

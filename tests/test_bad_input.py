@@ -1055,16 +1055,39 @@ FIT_CASES = [
         for a, vs in {
             "epochs": (-1, 1.5, True),
             "batch_size": (0, 1000),
-            "max_to_keep": (1,),
-            "checkpoint_every_steps": (0,),
             "max_steps": (-1,),
+            "seed": (-1,),
+            "loss": ("mse",),
+            "call": (3,),
+            "init": (3,),
         }.items()
         for v in vs
     ],
-    _bad(lambda: _fit(resume=True), "checkpoint_dir", id="fit-resume-without-dir"),
-    _bad(lambda: _fit(dispatch="x"), "dispatch", "x", id="fit-dispatch"),
+    _bad(lambda: _fit(batch_size=None), "batch_size", None, id="fit-split-without-batch_size"),
+    _bad(lambda: _fit(data=[], batch_size=8), "batch_size", 8, id="fit-batch_size-not-split"),
+    # a generator can be iterated once only: the message says to pass a callable
+    _bad(lambda: _fit(data=iter([]), batch_size=None), "callable", id="fit-one-shot-iterator"),
+    _bad(lambda: _fit(data=3, batch_size=None), "data", "int", id="fit-data-type"),
+    _bad(lambda: _fit(callbacks=[3]), "Callback", 3, id="fit-callback"),
     _bad(
-        lambda: train_lib.evaluate(MLP((3,), 2), *_init_mlp(), _split(0)), "split", id="eval-empty"
+        lambda: _fit(step=train_lib.make_train_step(MLP((3,), 2), optax.adam(0.1))),
+        "step",
+        id="fit-step-of-another-tx",
+    ),
+    _bad(
+        lambda: _fit(step=train_lib.make_train_step(MLP((3,), 2), SGD), loss=lambda o, b: 0.0),
+        "loss",
+        id="fit-step-and-loss",
+    ),
+    *[
+        _bad(lambda a=a, v=v: train_lib.Checkpoint("c", **{a: v}), a, v, id=f"ckpt-{a}-{v!r}")
+        for a, v in (("max_to_keep", 1), ("every_steps", 0), ("resume", "yes"))
+    ],
+    _bad(lambda: train_lib.Evaluate({}, every_epochs=0), "every_epochs", 0, id="eval-every"),
+    _bad(lambda: train_lib.Evaluate([TEST]), "splits", id="eval-splits"),
+    _bad(lambda: train_lib.UpdateExtras(3), "fn", 3, id="update-extras-fn"),
+    _bad(
+        lambda: train_lib.evaluate(MLP((3,), 2), *_init_mlp(), _split(0)), "data", id="eval-empty"
     ),
     _bad(
         lambda: train_lib.evaluate(MLP((3,), 2), *_init_mlp(), TEST, batch_size=0),
@@ -1090,9 +1113,9 @@ def _init_mlp() -> tuple[Any, Any]:
 
 
 def _fit(**kw: Any) -> train_lib.FitResult:
-    args = dict(epochs=1, batch_size=8, seed=0)
+    args = dict(data=TRAIN, epochs=1, batch_size=8, seed=0)
     args.update(kw)
-    return train_lib.fit(MLP((3,), 2), optax.sgd(0.1), TRAIN, TEST, **args)
+    return train_lib.fit(MLP((3,), 2), SGD, **args)
 
 
 @pytest.mark.parametrize("build,arg,value,exc", FIT_CASES)
@@ -1166,37 +1189,41 @@ def test_checkpoint_paths(tmp_path):
 
 def test_failing_fit_leaves_earlier_checkpoints_intact(tmp_path):
     ckpt = tmp_path / "ckpts"
-    first = _fit(epochs=2, checkpoint_dir=ckpt)
+    resume = lambda: train_lib.Checkpoint(ckpt, resume=True)  # noqa: E731
+    first = _fit(epochs=2, callbacks=[train_lib.Checkpoint(ckpt)])
     steps = sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
     assert steps == [4, 8]
     before = _tree_digest(ckpt)
 
     # a resumed run that fails after its own first epoch: its new checkpoint may be added,
     # the earlier ones stay byte for byte
-    def boom(epoch, result):
-        raise RuntimeError("user callback failed")
+    class Boom(train_lib.Callback):
+        def on_epoch_end(self, loop, row):
+            raise RuntimeError("user callback failed")
 
     with pytest.raises(RuntimeError, match="user callback failed"):
-        _fit(epochs=4, checkpoint_dir=ckpt, resume=True, on_epoch_end=boom)
+        _fit(epochs=4, callbacks=[resume(), Boom()])
     after = _tree_digest(ckpt)
     assert {k: v for k, v in after.items() if k in before} == before
     assert set(before) <= set(after)
 
     # a resumed run of another model refuses the checkpoint, naming the path, and writes nothing
     with pytest.raises(ValueError) as info:
-        train_lib.fit(
-            MLP((5,), 2), optax.sgd(0.1), TRAIN, TEST, epochs=4, batch_size=8, seed=0,
-            checkpoint_dir=ckpt, resume=True,
-        )  # fmt: skip
+        train_lib.fit(MLP((5,), 2), SGD, TRAIN, epochs=4, batch_size=8, seed=0,
+                      callbacks=[resume()])  # fmt: skip
     _assert_ours(info, "Dense_0/kernel")
     assert _tree_digest(ckpt) == after
 
-    # a run refused for a bad argument never touches the directory
+    # a run refused for a bad argument never touches the directory, nor does one refused for
+    # a directory that holds checkpoints without resume=True
     with pytest.raises(ValueError):
-        _fit(epochs=4, batch_size=0, checkpoint_dir=ckpt, resume=True)
+        _fit(epochs=4, batch_size=0, callbacks=[resume()])
+    with pytest.raises(ValueError) as info:
+        _fit(epochs=4, callbacks=[train_lib.Checkpoint(ckpt)])
+    _assert_ours(info, "resume=True")
     assert _tree_digest(ckpt) == after
     # and the earlier checkpoints still resume to the uninterrupted result
-    resumed = _fit(epochs=2, checkpoint_dir=ckpt, resume=True)
+    resumed = _fit(epochs=2, callbacks=[resume()])
     assert resumed.steps >= first.steps
 
 
