@@ -22,7 +22,7 @@ import optax
 from benchmarks import harness
 from optax_multirate.data import Split, load_dataset, num_batches
 from optax_multirate.models import CNN
-from optax_multirate.train import fit
+from optax_multirate.train import Evaluate, ProgressBar, fit
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             model,
             tx,
             train,
-            data.test,
             epochs=epochs,
             batch_size=BATCH_SIZE,
             seed=seed,
-            progress=True,
-            desc=f"baseline seed {seed}",
+            callbacks=[Evaluate({"test": data.test}), ProgressBar(f"baseline seed {seed}")],
         )
         all_step_ms.extend(res.step_times_ms.get("full", []))
         return {

@@ -199,16 +199,17 @@ def _run_arm(
             masks = ["full"] if not om.find_tags(res.opt_state) else ["unknown (fit_grown)"]
             extra = {"growths": len(res.growths), "num_compiles": sum(res.num_compiles)}
         else:
+            model = _model(FEATURES, num_classes)
+            extra_args_fn = _value if arm.startswith("wus") else None
             res = om.fit(
-                _model(FEATURES, num_classes),
+                model,
                 tx,
                 train,
-                test,
                 epochs=epochs,
                 batch_size=BATCH_SIZE,
                 seed=seed,
-                extra_args_fn=_value if arm.startswith("wus") else None,
-                desc=f"{arm} seed {seed}",
+                step=om.make_train_step(model, tx, extra_args_fn=extra_args_fn),
+                callbacks=[om.Evaluate({"test": test})],
             )
             steps = res.steps
             partial = sum(len(v) for k, v in res.step_times_ms.items() if k != "full")

@@ -32,7 +32,15 @@ from optax_multirate.data import Split, load_dataset, num_batches, transfer_spli
 from optax_multirate.models import CNN
 from optax_multirate.multirate import multirate_sgd
 from optax_multirate.phases import freeze_schedule
-from optax_multirate.train import fit, init_model, make_train_step, mask_name
+from optax_multirate.train import (
+    Evaluate,
+    LoopState,
+    ProgressBar,
+    fit,
+    init_model,
+    make_train_step,
+    mask_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +107,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = CNN(features=features, num_classes=target.num_classes)
 
     # -- pretraining on digits 0-4 (once, seed 0) -------------------------------------------
-    pre = fit(model, optax.sgd(PRETRAIN_LR, momentum=MOMENTUM), src_train, src_test,
-              epochs=pre_epochs, batch_size=BATCH_SIZE, seed=0, dispatch="full", progress=True,
-              desc="pretrain 0-4")  # fmt: skip
+    pre_tx = optax.sgd(PRETRAIN_LR, momentum=MOMENTUM)
+    pre = fit(model, pre_tx, src_train, epochs=pre_epochs, batch_size=BATCH_SIZE, seed=0,
+              step=make_train_step(model, pre_tx, dispatch="full"),
+              callbacks=[Evaluate({"test": src_test}), ProgressBar("pretrain 0-4")])  # fmt: skip
     logger.info("pretrained on 0-4: test accuracy %.4f", pre.final_accuracy)
     labels = _labels(pre.params)
 
@@ -115,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         def run(seed: int) -> dict:
             params, state = start(seed)
             tx = tx_fn()
-            res = fit(model, tx, train, test, epochs=epochs, batch_size=BATCH_SIZE, seed=seed,
-                      dispatch=dispatch, params=params, model_state=state, progress=True,
-                      desc=f"seed {seed}")  # fmt: skip
+            res = fit(
+                model, tx, train, epochs=epochs, batch_size=BATCH_SIZE, seed=seed,
+                init=LoopState(params, state, tx.init(params)),
+                step=make_train_step(model, tx, dispatch=dispatch),
+                callbacks=[Evaluate({"test": test}), ProgressBar(f"seed {seed}")],
+            )  # fmt: skip
             return {
                 "final_accuracy": res.final_accuracy,
                 "train_time_s": res.train_time_s,
