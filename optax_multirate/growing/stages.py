@@ -1,11 +1,17 @@
-"""A whole grown training: train each stage, grow, continue (:func:`fit_grown`)."""
+"""A whole grown training on the train loop: the :class:`GrowthStages` callback, :func:`fit_grown`.
+
+:class:`GrowthStages` is a :class:`~optax_multirate.train.Callback`: at each stage boundary
+of a :class:`GrowthSchedule` it grows the params, model state and optimizer state with
+:func:`grow` and swaps the loop's model and train step for the next stage's.
+:func:`fit_grown` is :func:`~optax_multirate.train.fit` with that callback and an evaluation.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -14,17 +20,167 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import train as train_lib
-from optax_multirate.data import Split, batches, num_batches
+from optax_multirate.data import Split, batches
 from optax_multirate.growing.schedule import GrowthSchedule
 from optax_multirate.growing.widen import grow
 
-__all__ = ["GrownFitResult", "fit_grown"]
+__all__ = ["GrowthStages", "GrownFitResult", "fit_grown"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_logits(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     return model.apply(variables, x, train=False)
+
+
+class GrowthStages(train_lib.Callback):
+    """Grows the model at the stage boundaries of ``schedule`` (a callback of ``fit``).
+
+    The run starts with ``model_fn(schedule.widths[0])`` and the loop's step for it. Before
+    the first epoch of stage ``s`` it grows ``(params, model_state, opt_state)`` to stage
+    ``s``'s shapes with :func:`grow` (key ``fold_in(fold_in(PRNGKey(seed), 0x6E0), s)``,
+    the optimizer given as ``loop.tx``), adds the growth's time to the train time, and sets
+    ``loop.model`` and ``loop.step`` to stage ``s``'s (one step per stage model, kept in
+    ``step_cache``, so each stage compiles once). It also writes ``stage`` (and
+    ``lra_ratios`` when the optimizer holds a :func:`growth_lr_adaptation` state) into each
+    epoch's row, and records per stage what :class:`GrownFitResult` reports.
+
+    Args:
+      model_fn: ``widths -> Flax model``.
+      schedule: the stages' widths and epochs; ``fit``'s ``epochs`` should be
+        ``schedule.total_epochs``.
+      probe: inputs whose eval-mode logits are compared across each growth (and whose first
+        example traces each stage's shapes).
+      grow_kwargs: keyword arguments for :func:`grow`.
+      dispatch: the dispatch of the steps it builds (see
+        :class:`~optax_multirate.phases.PhasedStep`).
+      step_cache: ``{(stage model, tx, dispatch): TrainStep}`` to reuse compiled steps across
+        runs (a fresh dict when None).
+      flops_batch: ``epoch -> batch``; when given, the compiled FLOPs of each stage's step on
+        the batch of its first epoch are recorded (compiling that stage's first program).
+
+    Attributes:
+      growths, num_compiles, steps_per_stage, step_times_ms, flops_per_step,
+      compile_time_s: what :class:`GrownFitResult` reports, filled during the run.
+
+    Raises:
+      ValueError: when the run does not start at epoch 0, or what :func:`grow` raises.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[tuple[int, ...]], nn.Module],
+        schedule: GrowthSchedule,
+        *,
+        probe: jax.typing.ArrayLike,
+        grow_kwargs: Mapping[str, Any] | None = None,
+        dispatch: str = "host",
+        step_cache: dict[Any, train_lib.TrainStep] | None = None,
+        flops_batch: Callable[[int], Any] | None = None,
+    ):
+        self.model_fn = _checks.check_callable("model_fn", model_fn)
+        if not isinstance(schedule, GrowthSchedule):
+            raise TypeError(f"schedule must be a GrowthSchedule, got {schedule!r}")
+        self.schedule = schedule
+        self.probe = jnp.asarray(probe)
+        self.grow_kwargs = dict(grow_kwargs or {})
+        self.dispatch = dispatch
+        self.step_cache = {} if step_cache is None else step_cache
+        self.flops_batch = _checks.check_callable("flops_batch", flops_batch, optional=True)
+        self.models = [model_fn(w) for w in schedule.widths]
+        self.starts = (0, *schedule.boundaries)  # first epoch of each stage
+
+    def step_for(self, model: nn.Module, tx: optax.GradientTransformation) -> train_lib.TrainStep:
+        """The (cached) train step of one stage's model."""
+        key = (model, tx, self.dispatch)
+        if key not in self.step_cache:
+            self.step_cache[key] = train_lib.make_train_step(model, tx, dispatch=self.dispatch)
+        return self.step_cache[key]
+
+    def on_train_begin(self, loop: train_lib.Loop) -> None:
+        if loop.state.epoch != 0:
+            raise ValueError(f"GrowthStages starts a run at epoch 0, got {loop.state.epoch}")
+        key, x = jax.random.PRNGKey(0), self.probe[:1]
+        self.shapes = [  # each stage's variable shapes, traced once before training
+            jax.eval_shape(functools.partial(m.init, train=False), key, x) for m in self.models
+        ]
+        self.key = jax.random.fold_in(jax.random.PRNGKey(loop.seed), 0x6E0)
+        self.stage = 0
+        self.growths: list[dict[str, float]] = []
+        self.num_compiles: list[int] = []
+        self.steps_per_stage: list[int] = []
+        self.step_times_ms: list[list[float]] = []
+        self.flops_per_step: list[float] = []
+        self.compile_time_s = 0.0
+        self._open_stage(loop)
+
+    def on_epoch_begin(self, loop: train_lib.Loop) -> None:
+        while self.stage + 1 < len(self.starts) and loop.state.epoch >= self.starts[self.stage + 1]:
+            self._close_stage(loop)
+            self.stage += 1
+            self._grow(loop)
+            self._open_stage(loop)
+
+    def on_epoch_end(self, loop: train_lib.Loop, row: dict[str, Any]) -> None:
+        items = list(row.items())
+        row.clear()  # "stage" first, as the row's other figures describe that stage
+        row.update({"stage": self.stage, **dict(items)})
+        ratios = optax.tree_utils.tree_get(loop.state.opt_state, "ratios")
+        if ratios is not None:
+            row["lra_ratios"] = [float(r) for r in np.ravel(ratios)]
+
+    def on_train_end(self, loop: train_lib.Loop) -> None:
+        self._close_stage(loop)
+
+    def _grow(self, loop: train_lib.Loop) -> None:
+        s, stage = loop.state, self.stage
+        before = _eval_logits(loop.model, {"params": s.params, **s.model_state}, self.probe)
+        t0 = time.perf_counter()
+        variables, s.opt_state = grow(
+            {"params": s.params, **s.model_state}, s.opt_state, stage - 1,
+            key=jax.random.fold_in(self.key, stage), next_shapes=self.shapes[stage],
+            optimizer=loop.tx, num_stages=self.schedule.num_stages, **self.grow_kwargs,
+        )  # fmt: skip
+        s.params = variables.pop("params")
+        s.model_state = variables
+        jax.block_until_ready((s.params, s.opt_state))
+        grow_time = time.perf_counter() - t0
+        s.train_time_s += grow_time
+        loop.model = self.models[stage]
+        after = _eval_logits(loop.model, {"params": s.params, **s.model_state}, self.probe)
+        self.growths.append(
+            {
+                "stage": stage,
+                "epoch": s.epoch,
+                "step": s.step,
+                "train_time_s": s.train_time_s,
+                "grow_time_s": grow_time,
+                "max_logit_change": float(jnp.max(jnp.abs(after - before))),
+                "max_logit": float(jnp.max(jnp.abs(before))),
+            }
+        )
+
+    def _open_stage(self, loop: train_lib.Loop) -> None:
+        step = loop.step = self.step_for(loop.model, loop.tx)
+        s = loop.state
+        self._start = (step.phased.num_compiles, step.phased.compile_time_s, s.step,
+                       {k: len(v) for k, v in loop.step_times_ms.items()})  # fmt: skip
+        if self.flops_batch is not None:  # compiles the stage's first program (counted)
+            mask = step.phased.mask_for(s.params, s.opt_state)
+            batch = self.flops_batch(s.epoch)
+            rng = jax.random.PRNGKey(loop.seed)
+            flops = step.phased.flops(mask, s.params, s.opt_state, s.model_state, batch, rng)
+            self.flops_per_step.append(flops)
+
+    def _close_stage(self, loop: train_lib.Loop) -> None:
+        compiles, compile_time, step0, lengths = self._start
+        phased = loop.step.phased
+        self.num_compiles.append(phased.num_compiles - compiles)
+        self.compile_time_s += phased.compile_time_s - compile_time
+        self.steps_per_stage.append(loop.state.step - step0)
+        times = loop.step_times_ms.items()
+        self.step_times_ms.append([t for k, v in times for t in v[lengths.get(k, 0) :]])
 
 
 @dataclasses.dataclass
@@ -35,7 +191,7 @@ class GrownFitResult:
       params: final params (full width).
       model_state: final mutable collections (batch statistics).
       opt_state: final optimizer state.
-      history: one dict per epoch: ``epoch`` (1-based), ``stage``, ``step``, ``train_time_s``
+      history: one dict per epoch: ``stage``, ``epoch`` (1-based), ``step``, ``train_time_s``
         (cumulative; growth included, compiles and evaluation excluded), ``train_loss``,
         ``train_accuracy``, ``test_loss``, ``test_accuracy``, and ``lra_ratios`` (list of
         ``r_t``) when the optimizer holds a :func:`growth_lr_adaptation` state.
@@ -70,6 +226,16 @@ class GrownFitResult:
         return float(sum(f * n for f, n in zip(self.flops_per_step, self.steps_per_stage)))
 
 
+class _EpochEnd(train_lib.Callback):
+    """Calls ``fn(epoch, row)`` with each complete row."""
+
+    def __init__(self, fn: Callable[[int, dict[str, Any]], None]):
+        self.fn = fn
+
+    def on_log(self, loop: train_lib.Loop, row: dict[str, Any]) -> None:
+        self.fn(row["epoch"], row)
+
+
 def fit_grown(
     model_fn: Callable[[tuple[int, ...]], nn.Module],
     tx: optax.GradientTransformation,
@@ -88,9 +254,10 @@ def fit_grown(
 ) -> GrownFitResult:
     """Runs a whole grown training: each stage trains, then :func:`grow` maps to the next.
 
-    Epoch ``e`` (counted over the whole run) visits ``batches(train, batch_size, seed=seed,
-    epoch=e)``, the batches :func:`optax_multirate.train.fit` uses, so a fixed-width run
-    (a one-stage schedule, ``m0=1``) sees the same data. Each stage builds its own
+    One :func:`~optax_multirate.train.fit` over ``schedule.total_epochs`` epochs with a
+    :class:`GrowthStages` callback and an evaluation on ``test``: epoch ``e`` visits
+    ``batches(train, batch_size, seed=seed, epoch=e)``, so a fixed-width run (a one-stage
+    schedule, ``m0=1``) sees the same data. Each stage has its own
     :func:`~optax_multirate.train.make_train_step` (one compilation per stage); the optimizer
     state carries over through ``grow``, so schedules continue across stages.
 
@@ -129,101 +296,32 @@ def fit_grown(
       >>> print(res.num_compiles, res.steps_per_stage, res.growths[0]["max_logit_change"] < 1e-5)
       [1, 1] [4, 8] True
     """
-    num_batches(train, batch_size)  # validates batch_size before any work
-    grow_kwargs = dict(grow_kwargs or {})
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6E0)
-    model = model_fn(schedule.widths[0])
-    params, model_state = train_lib.init_model(model, jax.random.PRNGKey(seed), train.x[:1])
-    opt_state = tx.init(params)
-    probe = jnp.asarray(test.x[:probe_size])
-    history: list[dict[str, Any]] = []
-    growths: list[dict[str, float]] = []
-    compiles, steps, times, flops = [], [], [], []
-    train_time = compile_time = 0.0
-    epoch = global_step = 0
-    models = [model] + [model_fn(w) for w in schedule.widths[1:]]
-    shapes = [  # the plan: each stage's variable shapes, traced once before training
-        jax.eval_shape(functools.partial(m.init, train=False), jax.random.PRNGKey(0), probe[:1])
-        for m in models
-    ]
-    for stage, stage_epochs in enumerate(schedule.epochs):
-        if stage:
-            before = _eval_logits(model, {"params": params, **model_state}, probe)
-            t0 = time.perf_counter()
-            variables, opt_state = grow(
-                {"params": params, **model_state}, opt_state, stage - 1,
-                key=jax.random.fold_in(key, stage), next_shapes=shapes[stage], optimizer=tx,
-                num_stages=schedule.num_stages, **grow_kwargs,
-            )  # fmt: skip
-            params = variables.pop("params")
-            model_state, model = variables, models[stage]
-            jax.block_until_ready((params, opt_state))
-            grow_time = time.perf_counter() - t0
-            train_time += grow_time
-            after = _eval_logits(model, {"params": params, **model_state}, probe)
-            growths.append(
-                {
-                    "stage": stage,
-                    "epoch": epoch,
-                    "step": global_step,
-                    "train_time_s": train_time,
-                    "grow_time_s": grow_time,
-                    "max_logit_change": float(jnp.max(jnp.abs(after - before))),
-                    "max_logit": float(jnp.max(jnp.abs(before))),
-                }
-            )
-        cache_key = (model, tx, dispatch)
-        step_fn = None if step_cache is None else step_cache.get(cache_key)
-        if step_fn is None:
-            step_fn = train_lib.make_train_step(model, tx, dispatch=dispatch)
-            if step_cache is not None:
-                step_cache[cache_key] = step_fn
-        n_before, t_before = step_fn.phased.num_compiles, step_fn.phased.compile_time_s
-        if measure_flops:  # compiles this stage's first program (counted as the stage's)
-            batch = next(iter(batches(train, batch_size, seed=seed, epoch=epoch)))
-            mask = step_fn.phased.mask_for(params, opt_state)
-            flops.append(
-                step_fn.phased.flops(
-                    mask, params, opt_state, model_state, batch, jax.random.PRNGKey(seed)
-                )
-            )
-
-        def stage_row(e: int, res: train_lib.FitResult, stage=stage, step0=global_step,
-                      time0=train_time) -> None:  # fmt: skip
-            row: dict[str, Any] = {"stage": stage, **res.history[-1]}
-            row["step"] += step0
-            row["train_time_s"] += time0
-            lra = optax.tree_utils.tree_get(res.opt_state, "ratios")
-            if lra is not None:
-                row["lra_ratios"] = [float(r) for r in np.ravel(lra)]
-            history.append(row)
-            if on_epoch_end is not None:
-                on_epoch_end(e, row)
-
-        res = train_lib.fit(
-            model, tx, train, test, epochs=stage_epochs, batch_size=batch_size, seed=seed,
-            params=params, model_state=model_state, opt_state=opt_state, epoch_offset=epoch,
-            train_step=step_fn, on_epoch_end=stage_row,
-        )  # fmt: skip
-        params, model_state, opt_state = res.params, res.model_state, res.opt_state
-        epoch += stage_epochs
-        global_step += res.steps
-        train_time += res.train_time_s
-        compiles.append(step_fn.phased.num_compiles - n_before)
-        compile_time += step_fn.phased.compile_time_s - t_before
-        steps.append(res.steps)
-        times.append([t for ts in res.step_times_ms.values() for t in ts])
+    flops_batch = None
+    if measure_flops:
+        flops_batch = lambda e: next(batches(train, batch_size, seed=seed, epoch=e))  # noqa: E731
+    stages = GrowthStages(
+        model_fn, schedule, probe=test.x[:probe_size], grow_kwargs=grow_kwargs,
+        dispatch=dispatch, step_cache=step_cache, flops_batch=flops_batch,
+    )  # fmt: skip
+    model = stages.models[0]
+    callbacks = [train_lib.Evaluate({"test": test}), stages]
+    if on_epoch_end is not None:
+        callbacks.append(_EpochEnd(on_epoch_end))
+    res = train_lib.fit(
+        model, tx, train, epochs=schedule.total_epochs, seed=seed, batch_size=batch_size,
+        step=stages.step_for(model, tx), callbacks=callbacks,
+    )  # fmt: skip
     return GrownFitResult(
-        params=params,
-        model_state=model_state,
-        opt_state=opt_state,
-        history=history,
-        growths=growths,
-        final_accuracy=history[-1]["test_accuracy"] if history else float("nan"),
-        train_time_s=train_time,
-        compile_time_s=compile_time,
-        num_compiles=compiles,
-        steps_per_stage=steps,
-        step_times_ms=times,
-        flops_per_step=flops,
+        params=res.params,
+        model_state=res.model_state,
+        opt_state=res.opt_state,
+        history=res.history,
+        growths=stages.growths,
+        final_accuracy=res.final_accuracy,
+        train_time_s=res.train_time_s,
+        compile_time_s=stages.compile_time_s,
+        num_compiles=stages.num_compiles,
+        steps_per_stage=stages.steps_per_stage,
+        step_times_ms=stages.step_times_ms,
+        flops_per_step=stages.flops_per_step,
     )
