@@ -998,33 +998,71 @@ def test_same_integer_fault_same_class_in_every_factory(name, arg, fault):
 
 
 def test_grow_refuses_bad_arguments():
-    """grow: each bad option names itself; bad plans name the layer."""
+    """grow: each bad option names itself (TypeError for a wrong type, ValueError out of
+    range); bad plans name the layer."""
     small, big = MLP((2,), 2), MLP((4,), 2)
     x = jnp.zeros((1, 3))
     v = small.init(jax.random.PRNGKey(0), x)
     shapes = jax.eval_shape(lambda: big.init(jax.random.PRNGKey(0), x))
     key = jax.random.PRNGKey(1)
+    sgd_state = SGD.init(v["params"])
     cases = [
-        (dict(stage=-1), "stage", -1),
-        (dict(key=None), "key", None),
-        (dict(rescale="x"), "rescale", "x"),
-        (dict(new_init="x"), "new_init", "x"),
-        (dict(momentum="x"), "momentum", "x"),
-        (dict(head_exponent=0.0), "head_exponent", 0.0),
-        (dict(pair_noise=-1.0), "pair_noise", -1.0),
-        (dict(opt_state=SGD.init(v["params"])), "optimizer", NO_VALUE),
-        (dict(num_stages=1), "stage", NO_VALUE),
-        (dict(next_shapes=jax.eval_shape(lambda: MLP((1,), 2).init(key, x))), "Dense_0", NO_VALUE),
-        (dict(next_shapes=jax.eval_shape(lambda: small.init(key, x))), "next_shapes", NO_VALUE),
-        (dict(next_shapes=jax.eval_shape(lambda: MLP((3,), 2).init(key, x))), "odd", NO_VALUE),
-        (dict(variables=[v]), "variables", NO_VALUE),
+        (dict(stage=-1), "stage", -1, V),
+        (dict(stage=0.0), "stage", 0.0, T),
+        (dict(key=None), "key", None, T),
+        (dict(key="k"), "key", "k", T),
+        (dict(rescale="x"), "rescale", "x", V),
+        (dict(new_init="x"), "new_init", "x", V),
+        (dict(momentum="x"), "momentum", "x", V),
+        (dict(exact="yes"), "exact", "yes", T),
+        (dict(pairing=None), "pairing", None, T),
+        (dict(head_exponent=0.0), "head_exponent", 0.0, V),
+        (dict(pair_noise=-1.0), "pair_noise", -1.0, V),
+        (dict(pair_noise="x"), "pair_noise", "x", T),
+        (dict(bn_epsilon=-1.0), "bn_epsilon", -1.0, V),
+        (dict(num_stages=0), "num_stages", 0, V),
+        (dict(num_stages=2.0), "num_stages", 2.0, T),
+        (dict(opt_state=sgd_state), "optimizer", NO_VALUE, V),
+        (dict(opt_state=sgd_state, optimizer=optax.sgd), "optimizer", NO_VALUE, T),
+        (dict(num_stages=1), "stage", NO_VALUE, V),
+        (
+            dict(next_shapes=jax.eval_shape(lambda: MLP((1,), 2).init(key, x))),
+            "Dense_0",
+            NO_VALUE,
+            V,
+        ),
+        (dict(next_shapes=jax.eval_shape(lambda: small.init(key, x))), "next_shapes", NO_VALUE, V),
+        (dict(next_shapes=jax.eval_shape(lambda: MLP((3,), 2).init(key, x))), "odd", NO_VALUE, V),
+        (dict(next_shapes=[shapes]), "next_shapes", NO_VALUE, T),
+        (dict(variables=[v]), "variables", NO_VALUE, T),
+        (dict(variables={"batch_stats": {}}), "params", NO_VALUE, V),
     ]
-    for over, arg, value in cases:
+    for over, arg, value, exc in cases:
         kw = dict(variables=v, opt_state=None, stage=0, key=key, next_shapes=shapes)
         kw.update(over)
-        with pytest.raises((ValueError, TypeError)) as info:
+        with pytest.raises(Exception) as info:
             om.grow(kw.pop("variables"), kw.pop("opt_state"), kw.pop("stage"), **kw)
+        assert type(info.value) is exc, f"grow({over}): {info.value!r}"
         _assert_ours(info, arg, value)
+
+
+def test_growing_takes_numpy_integers():
+    """GrowthSchedule and grow take numpy integers as the Python ints they are."""
+    ref = om.GrowthSchedule((8, 16), total_epochs=10, m0=0.5, p_c=1.0, t0=2)
+    got = om.GrowthSchedule(
+        np.array([8, 16]), total_epochs=np.int32(10), m0=np.float32(0.5), p_c=1, t0=np.int64(2)
+    )
+    assert (got.widths, got.epochs, got.final_widths) == (ref.widths, ref.epochs, (8, 16))
+    small, big = MLP((2,), 2), MLP((4,), 2)
+    x = jnp.zeros((1, 3))
+    v = small.init(jax.random.PRNGKey(0), x)
+    shapes = jax.eval_shape(lambda: big.init(jax.random.PRNGKey(0), x))
+    grown = [
+        om.grow(v, None, stage, key=jax.random.PRNGKey(1), next_shapes=shapes, num_stages=n)[0]
+        for stage, n in ((0, 2), (np.int64(0), np.int32(2)))
+    ]
+    for a, b in zip(jax.tree.leaves(grown[0]), jax.tree.leaves(grown[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_grow_refuses_an_opt_state_of_another_optimizer():

@@ -322,7 +322,7 @@ def test_grow_errors():
         grow(v, None, -1, **ok)
     with pytest.raises(ValueError, match="stage"):
         grow(v, st, 2, optimizer=tx, **ok)  # num_stages = 3 from the LRA state
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(TypeError, match="key"):
         grow(v, None, 0, key=None, next_shapes=shapes)
     with pytest.raises(ValueError, match="optimizer"):
         grow(v, st, 0, **ok)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
-from optax_multirate.growing.schedule import _is_int
 
 __all__ = ["GrowthLRAState", "growth_lr_adaptation"]
 
@@ -75,8 +75,11 @@ def growth_lr_adaptation(
       A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``.
 
     Raises:
+      TypeError: for an argument of the wrong type (``num_stages`` may be a Python or numpy
+        int; ``clip`` must be None or a pair of numbers).
       ValueError: for ``num_stages < 1``, an unknown ``refresh``/``scope``/``apply_to``,
-        ``eps <= 0``, a bad ``clip``, and in ``update`` when ``params`` is None.
+        ``apply_to="all"`` with ``scope="per_layer"``, ``eps <= 0``, a ``clip`` outside
+        ``0 < lo <= hi``, and in ``update`` when ``params`` is None.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -88,23 +91,19 @@ def growth_lr_adaptation(
       >>> print(f"{float(u['kernel'][1]):.4f}")
       1.3333
     """
-    if not (_is_int(num_stages) and num_stages >= 1):
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-    if refresh not in ("step", "stage"):
-        raise ValueError(f"refresh must be 'step' or 'stage', got {refresh!r}")
-    if scope not in ("global", "per_layer"):
-        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
-    if apply_to not in ("kernels", "all"):
-        raise ValueError(f"apply_to must be 'kernels' or 'all', got {apply_to!r}")
+    num = _checks.check_int("num_stages", num_stages, low=1, static=True)
+    _checks.check_choice("refresh", refresh, ("step", "stage"))
+    _checks.check_choice("scope", scope, ("global", "per_layer"))
+    _checks.check_choice("apply_to", apply_to, ("kernels", "all"))
     if apply_to == "all" and scope != "global":
         raise ValueError(f"apply_to='all' needs scope='global', got scope={scope!r}")
-    if not isinstance(eps, jax.core.Tracer) and not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if clip is not None and not (
-        isinstance(clip, tuple) and len(clip) == 2 and 0 < clip[0] <= clip[1]
-    ):
-        raise ValueError(f"clip must be None or (lo, hi) with 0 < lo <= hi, got {clip!r}")
-    num = num_stages
+    _checks.check_real("eps", eps, low=0.0, low_open=True)
+    if clip is not None:
+        if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
+            raise TypeError(f"clip must be None or a pair (lo, hi), got {clip!r}")
+        lo, hi = (float(_checks.check_real("clip", c)) for c in clip)
+        if not 0 < lo <= hi:
+            raise ValueError(f"clip must be None or (lo, hi) with 0 < lo <= hi, got {clip!r}")
     bdtype = jnp.int8 if num <= 127 else jnp.int16
 
     def init_fn(params: optax.Params) -> GrowthLRAState:
@@ -116,7 +115,7 @@ def growth_lr_adaptation(
     def ratios_of(sq: jax.Array, cnt: jax.Array) -> jax.Array:
         r = jnp.sqrt(sq) / jnp.sqrt(jnp.maximum(sq[..., :1], eps))
         r = jnp.where(cnt > 0, r, 1.0)
-        return r if clip is None else jnp.clip(r, clip[0], clip[1])
+        return r if clip is None else jnp.clip(r, lo, hi)
 
     def update_fn(
         updates: optax.Updates,

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import numpy as np
+
+from optax_multirate import _checks
 
 __all__ = ["GrowthSchedule"]
 
 
 def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +38,10 @@ class GrowthSchedule:
       epochs: ``epochs[t]`` is the number of epochs of stage ``t`` (derived).
 
     Raises:
-      ValueError: for ``m0`` outside (0, 1], ``p_c <= 0``, ``t0 < 1``, ``p_t < 0``, bad widths,
-        or early stages whose epochs sum to ``>= total_epochs`` (the plan overflows the budget).
+      TypeError: for an argument of the wrong type (integers may be Python or numpy ints).
+      ValueError: for ``m0`` outside (0, 1], ``p_c <= 0``, ``t0 < 1``, ``p_t < 0``, empty
+        widths or widths below 1, or early stages whose epochs sum to ``>= total_epochs`` (the
+        plan overflows the budget).
 
     Examples:
       >>> s = GrowthSchedule((16, 32, 64), total_epochs=16, m0=0.25, p_c=0.5, t0=1)
@@ -63,48 +62,44 @@ class GrowthSchedule:
     epochs: tuple[int, ...] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        fw = tuple(self.final_widths)
-        if not fw or not all(_is_int(w) and w >= 1 for w in fw):
-            raise ValueError(f"final_widths must be positive ints, got {self.final_widths!r}")
-        if not (_is_int(self.total_epochs) and self.total_epochs >= 1):
-            raise ValueError(f"total_epochs must be an int >= 1, got {self.total_epochs!r}")
-        if not (isinstance(self.m0, (int, float)) and 0 < self.m0 <= 1):
-            raise ValueError(f"m0 must be in (0, 1], got {self.m0!r}")
-        if not (isinstance(self.p_c, (int, float)) and self.p_c > 0):
-            raise ValueError(f"p_c must be > 0, got {self.p_c!r}")
-        if not (_is_int(self.t0) and self.t0 >= 1):
-            raise ValueError(f"t0 must be an int >= 1, got {self.t0!r}")
-        p_t = self.p_c if self.p_t is None else self.p_t
-        if not (isinstance(p_t, (int, float)) and p_t >= 0):
-            raise ValueError(f"p_t must be >= 0, got {self.p_t!r}")
-        steps = max(0, math.ceil(math.log(1 / self.m0) / math.log1p(self.p_c) - 1e-9))
+        fw = _checks.check_int_sequence("final_widths", self.final_widths, low=1, min_len=1)
+        total = _checks.check_int("total_epochs", self.total_epochs, low=1)
+        m0 = float(_checks.check_real("m0", self.m0, low=0.0, high=1.0, low_open=True))
+        p_c = float(_checks.check_real("p_c", self.p_c, low=0.0, low_open=True))
+        t0 = _checks.check_int("t0", self.t0, low=1)
+        p_t = _checks.check_real("p_t", self.p_t, low=0.0, optional=True)
+        p_t = p_c if p_t is None else float(p_t)
+        even = _checks.check_bool("even", self.even)
+        steps = max(0, math.ceil(math.log(1 / m0) / math.log1p(p_c) - 1e-9))
         widths = []
         for c in fw:
-            w = max(1, _half_up(c * self.m0))
-            if self.even and (c - w) % 2:  # then w < c: start with the final width's parity
+            w = max(1, _half_up(c * m0))
+            if even and (c - w) % 2:  # then w < c: start with the final width's parity
                 w += 1
             col = [w]
             for t in range(1, steps):
-                inc = max(0, math.ceil(c * min(1.0, self.m0 * (1 + self.p_c) ** t) - w - 1e-9))
-                if self.even:
+                inc = max(0, math.ceil(c * min(1.0, m0 * (1 + p_c) ** t) - w - 1e-9))
+                if even:
                     inc += inc % 2
                 w = min(c, w + inc)
                 col.append(w)
             if steps:
                 col.append(c)
             widths.append(col)
-        epochs = [self.t0]
+        epochs = [t0]
         for _ in range(1, steps):
             epochs.append(epochs[-1] + _half_up(p_t * epochs[-1]))
         epochs = epochs[:steps]
-        if sum(epochs) >= self.total_epochs:
+        if sum(epochs) >= total:
             raise ValueError(
-                f"total_epochs={self.total_epochs} is too small: the {steps} early stages take "
+                f"total_epochs={total} is too small: the {steps} early stages take "
                 f"{epochs} = {sum(epochs)} epochs and the full-width stage needs at least one "
                 "(lower t0 or p_t, or raise total_epochs)"
             )
-        epochs.append(self.total_epochs - sum(epochs))
-        object.__setattr__(self, "final_widths", fw)
+        epochs.append(total - sum(epochs))
+        for name, value in (("final_widths", fw), ("total_epochs", total), ("m0", m0),
+                            ("p_c", p_c), ("t0", t0), ("even", even)):  # fmt: skip
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "widths", tuple(zip(*widths)))
         object.__setattr__(self, "epochs", tuple(epochs))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
 from optax_multirate.growing.rate_adaptation import GrowthLRAState
-from optax_multirate.growing.schedule import _is_int
 
 __all__ = ["grow"]
 
@@ -271,11 +271,14 @@ def grow(
       ``(variables, opt_state)`` of stage ``stage + 1`` (opt_state None if it was None).
 
     Raises:
-      ValueError: for a ``stage`` out of range, a missing ``key``, ``next_shapes`` that shrink,
-        leave every width unchanged, change a non-growth axis or grow a stream unequally, an odd
-        increment with ``pairing=True``, params outside the naming contract, an ``opt_state``
-        whose structure differs from ``optimizer.init(new_params)``, a birth id
-        ``>= num_stages``, or a bad option value.
+      TypeError: for an argument of the wrong type: a ``key`` that is not an array (None),
+        ``variables`` or ``next_shapes`` that are not mappings, an ``optimizer`` that is not a
+        ``GradientTransformation``, a non-int ``stage``, a non-bool flag, ...
+      ValueError: for a ``stage`` out of range, ``next_shapes`` that shrink, leave every width
+        unchanged, change a non-growth axis or grow a stream unequally, an odd increment with
+        ``pairing=True``, params outside the naming contract, an ``opt_state`` without its
+        ``optimizer`` or whose structure differs from ``optimizer.init(new_params)``, a birth
+        id ``>= num_stages``, or an option value out of range.
 
     Examples:
       >>> import functools, jax, jax.numpy as jnp
@@ -291,38 +294,32 @@ def grow(
       >>> print(bool(jnp.abs(big.apply(v2, x) - old).max() < 1e-6))
       True
     """
-    if not (_is_int(stage) and stage >= 0):
-        raise ValueError(f"stage must be an int >= 0, got {stage!r}")
-    if key is None:
-        raise ValueError("key must be a PRNG key, got None")
-    if rescale not in (None, "fan_in", "measured_old", "measured_new"):
-        raise ValueError(
-            f"rescale must be None, 'fan_in', 'measured_old' or 'measured_new', got {rescale!r}"
-        )
-    if not (callable(new_init) or new_init in ("fan_in", "mup_sq")):
-        raise ValueError(f"new_init must be 'fan_in', 'mup_sq' or a callable, got {new_init!r}")
-    if momentum not in ("reset", "carry"):
-        raise ValueError(f"momentum must be 'reset' or 'carry', got {momentum!r}")
-    if not head_exponent > 0:
-        raise ValueError(f"head_exponent must be > 0, got {head_exponent!r}")
-    if not pair_noise >= 0:
-        raise ValueError(f"pair_noise must be >= 0, got {pair_noise!r}")
-    if opt_state is not None and optimizer is None:
-        raise ValueError("optimizer must be given to grow an opt_state")
+    stage = _checks.check_int("stage", stage, low=0)
+    if not isinstance(key, (jax.Array, np.ndarray)):
+        raise TypeError(f"key must be a PRNG key, got {key!r} ({type(key).__name__})")
+    _checks.check_choice("rescale", rescale, (None, "fan_in", "measured_old", "measured_new"))
+    if not callable(new_init):
+        _checks.check_choice("new_init", new_init, ("fan_in", "mup_sq"))
+    _checks.check_choice("momentum", momentum, ("reset", "carry"))
+    _checks.check_bool("exact", exact)
+    _checks.check_bool("pairing", pairing)
+    _checks.check_real("head_exponent", head_exponent, low=0.0, low_open=True)
+    _checks.check_real("pair_noise", pair_noise, low=0.0)
+    _checks.check_real("bn_epsilon", bn_epsilon, low=0.0)
+    num_stages = _checks.check_int("num_stages", num_stages, low=1, optional=True)
+    if opt_state is not None:
+        if optimizer is None:
+            raise ValueError("optimizer must be given to grow an opt_state")
+        _checks.check_transformation("optimizer", optimizer)
     if num_stages is None and opt_state is not None:
-        lra = [
-            x
-            for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GrowthLRAState))
-            if isinstance(x, GrowthLRAState)
-        ]
-        num_stages = int(lra[0].ratios.shape[-1]) if lra else None
+        num_stages = _lra_num_stages(opt_state)
     if num_stages is not None and stage >= num_stages - 1:
         raise ValueError(f"stage must be < num_stages - 1 = {num_stages - 1}, got {stage}")
-    if not isinstance(variables, dict) or "params" not in variables:
-        raise ValueError(
-            "variables must be a dict of Flax collections with 'params', got "
-            f"{type(variables).__name__}"
-        )
+    for name, tree in (("variables", variables), ("next_shapes", next_shapes)):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"{name} must be a dict of Flax collections, got {type(tree).__name__}")
+    if "params" not in variables:
+        raise ValueError(f"variables must hold 'params', got collections {sorted(variables)}")
     variables = flax.core.unfreeze(variables)
     next_shapes = flax.core.unfreeze(next_shapes)
     if set(variables) != set(next_shapes):
@@ -446,6 +443,20 @@ def grow(
         return out, None
     new_state = _grow_state(opt_state, out["params"], optimizer, stage, momentum, num_stages)
     return out, new_state
+
+
+def _lra_num_stages(opt_state: optax.OptState) -> int | None:
+    """``num_stages`` of the :func:`growth_lr_adaptation` states in ``opt_state`` (None if none)."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, "GrowthLRAState", filtering=lambda _, v: isinstance(v, GrowthLRAState)
+    )
+    stages = {int(state.ratios.shape[-1]) for _, state in found}
+    if len(stages) > 1:
+        raise ValueError(
+            f"opt_state holds growth_lr_adaptation states of num_stages {sorted(stages)}; "
+            "pass num_stages"
+        )
+    return stages.pop() if stages else None
 
 
 def _grow_state(
