@@ -6,7 +6,7 @@ A reproduction at CPU scale, on mnist1d, the MNIST subset and sklearn digits wit
     python -m benchmarks.two_regimes            # full: writes benchmarks/results/two_regimes.*
     python -m benchmarks.two_regimes --quick    # seconds: two_regimes.quick.*
 
-Arms (tuning grids): two-regime ``two_regimes_sgd`` (``lr_large`` in {0.03, 0.1, 0.3, 1.0}),
+Arms (tuning grids): two-regime ``two_regimes_sgd`` (``learning_rate`` in {0.03, 0.1, 0.3, 1.0}),
 two-regime with SGD(lr/10) in phase 1 (same grid), SGD with momentum 0.9 and a step schedule
 (lr in {0.01, 0.03, 0.1, 0.3} x drops at {50, 75}% or {33, 66}%), cosine (4), one-cycle (4);
 then small-only (Adam from the start) and large-only (no switch) at the two-regime's rate. Each
@@ -657,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "seeds": seeds,
         "grids": {a: _grid(a, args.quick) for a in TUNED_ARMS},
         "selected": selected,
-        "small_step": f"adam({SMALL_LR})",
+        "small_tx": f"adam({SMALL_LR})",
         "large_fraction": LARGE_FRACTION,
         "vmap_chunk": chunk,
         "selection": "each tuned arm: highest mean validation accuracy over the tuning seeds; "

@@ -131,7 +131,7 @@ def _resolve_scales(
         return _default_scales(n, decay, min_scale, head_scale)
     if len(initial_scales) != n:
         raise ValueError(
-            f"initial_scales has {len(initial_scales)} entries but depth_labels has {n} "
+            f"initial_scales has {len(initial_scales)} entries but param_labels has {n} "
             f"depths: {tuple(initial_scales)!r}"
         )
     r = _concrete(initial_scales)
@@ -207,18 +207,18 @@ def _check_staircase_k(mode: str, k: int | None, r: np.ndarray | None, c: Any) -
         )
 
 
-def _depth_table(depth_labels: Any, params: Any, name: str = "depth_labels") -> dict[str, int]:
+def _depth_table(param_labels: Any, params: Any, name: str = "param_labels") -> dict[str, int]:
     """``{path: depth}`` for the leaves of ``params``; checks labels are ints >= 0."""
-    by_path = labels_lib.check_labels(depth_labels, params, name=name)
+    by_path = labels_lib.check_labels(param_labels, params, name=name)
     return {
         p: _checks.check_int(f"{name}: the label at {p!r}", lab, low=0)
         for p, lab in by_path.items()
     }
 
 
-def _all_labels(depth_labels: Any, params: Any) -> set[int]:
+def _all_labels(param_labels: Any, params: Any) -> set[int]:
     """Every depth in the label tree (holes of ``optax.partition`` included)."""
-    tree = depth_labels(params) if callable(depth_labels) else depth_labels
+    tree = param_labels(params) if callable(param_labels) else param_labels
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return {int(x) for x in leaves if _checks.is_int(x)}
 
@@ -226,8 +226,9 @@ def _all_labels(depth_labels: Any, params: Any) -> set[int]:
 # --------------------------------------------------------------------------- public API
 
 
+@_checks.renamed_args(depth_labels="param_labels")
 def scale_by_lerac(
-    depth_labels: Any,
+    param_labels: Any,
     *,
     k: int | None = None,
     initial_scales: Sequence[float] | jax.Array | None = None,
@@ -260,15 +261,16 @@ def scale_by_lerac(
     its rate (sgd with momentum, adam, adamw, lamb, ...). Placed before Adam the factor is
     normalised away. The effective rate is the base schedule times ``m_j``; a base warmup
     multiplies with it (turn it off). Under ``optax.inject_hyperparams`` pass
-    ``static_args=("depth_labels", "k", "steps_per_tick")``; ``decay``, ``min_scale``,
+    ``static_args=("param_labels", "k", "steps_per_tick")``; ``decay``, ``min_scale``,
     ``head_scale`` and ``c`` may then be traced (and are not validated).
     Inside ``optax.MultiSteps`` the count advances once per real update; under
     ``optax.apply_if_finite`` a skipped step does not advance it.
 
     Args:
-      depth_labels: a tree shaped like the params with an int depth ``0..n-1`` at each leaf
+      param_labels: a tree shaped like the params with an int depth ``0..n-1`` at each leaf
         (e.g. from :func:`lerac_depth_labels`), or a callable ``params -> tree``. Every depth
-        must label some leaf; a shared leaf takes the depth of its first use.
+        must label some leaf; a shared leaf takes the depth of its first use. (Its former
+        name ``depth_labels=`` still works for one release, with a ``DeprecationWarning``.)
       k: ticks until every unit reaches the base rate; required in paper mode (0: no
         curriculum), optional in staircase mode (derived; an explicit ``k`` must be at least
         the derived one). Static.
@@ -339,11 +341,11 @@ def scale_by_lerac(
         leaves, treedef = jax.tree.flatten(tree)
         key = (treedef, tuple(np.shape(x) for x in leaves))
         if key not in resolved:
-            table = _depth_table(depth_labels, tree)
+            table = _depth_table(param_labels, tree)
             depths = tuple(table[p] for p in labels_lib.leaf_paths(tree))
             bad = [d for d in depths if d >= n]
             if bad:
-                raise ValueError(f"depth_labels: depth {bad[0]} is outside 0..{n - 1}")
+                raise ValueError(f"param_labels: depth {bad[0]} is outside 0..{n - 1}")
             resolved[key] = depths
         return resolved[key]
 
@@ -351,25 +353,25 @@ def scale_by_lerac(
         return _resolve_scales(n, initial_scales, decay, min_scale, head_scale)
 
     def init_fn(params: optax.Params) -> LeracState:
-        table = _depth_table(depth_labels, params)
-        used = _all_labels(depth_labels, params) | set(table.values())
+        table = _depth_table(param_labels, params)
+        used = _all_labels(param_labels, params) | set(table.values())
         n_used = max(used, default=-1) + 1
         if initial_scales is not None and len(initial_scales) > n_used:
             raise ValueError(
-                f"initial_scales has {len(initial_scales)} entries but depth_labels has "
+                f"initial_scales has {len(initial_scales)} entries but param_labels has "
                 f"{n_used} depths (0..{n_used - 1}): {tuple(initial_scales)!r}"
             )
         n = len(initial_scales) if initial_scales is not None else n_used
         out = sorted(d for d in used if d >= n)
         if out:
             raise ValueError(
-                f"depth_labels: depth {out[0]} is outside 0..{n - 1} "
+                f"param_labels: depth {out[0]} is outside 0..{n - 1} "
                 f"(initial_scales has {n} entries)"
             )
         missing = sorted(set(range(n)) - used)
         if missing:
             raise ValueError(
-                f"depth_labels: depth {missing[0]} labels no param (depths must be 0..n-1, "
+                f"param_labels: depth {missing[0]} labels no param (depths must be 0..n-1, "
                 f"all used; found {sorted(used)})"
             )
         r = scales_for(n)
@@ -404,9 +406,10 @@ def scale_by_lerac(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_checks.renamed_args(base_optimizer="inner", depth_labels="param_labels")
 def lerac(
-    base_optimizer: optax.GradientTransformation,
-    depth_labels: Any,
+    inner: optax.GradientTransformation,
+    param_labels: Any,
     *,
     k: int | None = None,
     initial_scales: Sequence[float] | None = None,
@@ -418,17 +421,18 @@ def lerac(
     c: float = 10.0,
     allow_non_monotone: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """LeRaC around any optimizer: ``optax.chain(base_optimizer, scale_by_lerac(...))``.
+    """LeRaC around any optimizer: ``optax.chain(inner, scale_by_lerac(...))``.
 
     Places the curriculum last, where it scales the final step (see :func:`scale_by_lerac`).
-    Extra ``update`` arguments are passed to ``base_optimizer``. For PyTorch-style coupled
+    Extra ``update`` arguments are passed to ``inner``. For PyTorch-style coupled
     weight decay chain it into the base:
     ``lerac(optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)), ...)``.
 
     Args:
-      base_optimizer: the optimizer whose steps are scaled (its rate is ``eta^(0)``).
-      depth_labels: depth label tree, or a callable ``params -> tree``; see
-        :func:`lerac_depth_labels`.
+      inner: the optimizer whose steps are scaled (its rate is ``eta^(0)``).
+      param_labels: depth label tree, or a callable ``params -> tree``; see
+        :func:`lerac_depth_labels`. (The former names ``base_optimizer=`` and
+        ``depth_labels=`` still work for one release, with a ``DeprecationWarning``.)
       k: see :func:`scale_by_lerac` (and every other keyword).
       initial_scales: see :func:`scale_by_lerac`.
       decay: see :func:`scale_by_lerac`.
@@ -443,7 +447,7 @@ def lerac(
       A ``GradientTransformationExtraArgs``; its state is ``(base_state, LeracState)``.
 
     Raises:
-      TypeError: as :func:`scale_by_lerac`, or if ``base_optimizer`` is not a
+      TypeError: as :func:`scale_by_lerac`, or if ``inner`` is not a
         ``GradientTransformation``.
       ValueError: as :func:`scale_by_lerac`.
 
@@ -459,11 +463,11 @@ def lerac(
       0.01 0.003162
       0.01 0.01
     """
-    _checks.check_transformation("base_optimizer", base_optimizer)
+    _checks.check_transformation("inner", inner)
     return optax.chain(
-        base_optimizer,
+        inner,
         scale_by_lerac(
-            depth_labels,
+            param_labels,
             k=k,
             initial_scales=initial_scales,
             decay=decay,

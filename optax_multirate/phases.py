@@ -85,9 +85,10 @@ class PhaseTag(struct.PyTreeNode):
         return len(self.reads)
 
 
+@_checks.renamed_args(labels="param_labels")
 def phase_tag(
     params: Any,
-    labels: Any,
+    param_labels: Any,
     reads: Mapping[int, Collection[Hashable]],
     *,
     phase: int | jax.Array = 0,
@@ -97,7 +98,9 @@ def phase_tag(
 
     Args:
       params: the params the transformation sees (``optax.MaskedNode`` holes allowed).
-      labels: label tree (or callable) matching ``params``; see ``labels.check_labels``.
+      param_labels: label tree (or callable) matching ``params``; see
+        ``labels.check_labels``. (Its former name ``labels=`` still works for one release,
+        with a ``DeprecationWarning``.)
       reads: ``{phase: labels read in that phase}`` for phases ``0..n-1``.
       phase: initial phase.
       name: the transformation's name, for messages.
@@ -108,7 +111,7 @@ def phase_tag(
     Raises:
       TypeError: if ``reads`` is not a mapping or ``phase`` is not an int.
       ValueError: if the phases are not ``0..n-1``, ``phase`` is not one of them, or
-        ``labels`` does not match ``params``.
+        ``param_labels`` does not match ``params``.
 
     Examples:
       >>> p = {"body": {"kernel": 0.0}, "head": {"kernel": 0.0}}
@@ -121,7 +124,7 @@ def phase_tag(
     if sorted(reads) != list(range(len(reads))) or not reads:
         raise ValueError(f"reads must have phases 0..n-1 as keys, got {sorted(reads)!r}")
     _checks.check_int("phase", phase, low=0, high=len(reads) - 1)
-    by_path = labels_lib.check_labels(labels, params, name="labels")
+    by_path = labels_lib.check_labels(param_labels, params, name="param_labels")
     paths = tuple(labels_lib.leaf_paths(params))
     table = tuple(tuple(by_path[p] in set(reads[ph]) for p in paths) for ph in range(len(reads)))
     return PhaseTag(phase=jnp.asarray(phase, jnp.int32), paths=paths, reads=table, name=name)
@@ -514,9 +517,10 @@ class FreezeScheduleState(NamedTuple):
     tag: PhaseTag
 
 
+@_checks.renamed_args(labels="param_labels")
 def freeze_schedule(
     inner: optax.GradientTransformation,
-    labels: Any,
+    param_labels: Any,
     frozen: Mapping[Hashable, tuple[int, int | None]],
 ) -> optax.GradientTransformationExtraArgs:
     """Freezes labelled leaves for step intervals: a phased transformation.
@@ -530,7 +534,8 @@ def freeze_schedule(
 
     Args:
       inner: the optimizer to wrap.
-      labels: label tree (or callable ``params -> tree``) matching the params.
+      param_labels: label tree (or callable ``params -> tree``) matching the params. (Its
+        former name ``labels=`` still works for one release, with a ``DeprecationWarning``.)
       frozen: ``{label: (start, stop)}`` with ints ``0 <= start < stop`` (stop may be None).
 
     Returns:
@@ -574,13 +579,13 @@ def freeze_schedule(
         return jnp.searchsorted(bounds_arr, count, side="right").astype(jnp.int32)
 
     def init_fn(params):
-        by_path = labels_lib.check_labels(labels, params, name="labels")
+        by_path = labels_lib.check_labels(param_labels, params, name="param_labels")
         for lab in frozen:
             if lab not in by_path.values():
                 raise ValueError(f"frozen: label {lab!r} labels no param of the params")
         all_labels = set(by_path.values())
         reads = {i: all_labels - fz for i, fz in enumerate(seg_frozen)}
-        tag = phase_tag(params, labels, reads, phase=0, name="freeze_schedule")
+        tag = phase_tag(params, param_labels, reads, phase=0, name="freeze_schedule")
         return FreezeScheduleState(jnp.zeros([], jnp.int32), inner.init(params), tag)
 
     def update_fn(updates, state, params=None, **extra):

@@ -209,29 +209,30 @@ def _check_branches(large, small, updates, state, params, fwd) -> None:
     sb = [(x.shape, x.dtype) for x in jax.tree.leaves(b)]
     if jax.tree.structure(a) != jax.tree.structure(b) or sa != sb:
         raise ValueError(
-            "large_step and small_step must return updates of the same structure, shapes and "
-            f"dtypes; large_step gives {jax.tree.structure(a)} {sa[:3]}..., small_step gives "
+            "large_tx and small_tx must return updates of the same structure, shapes and "
+            f"dtypes; large_tx gives {jax.tree.structure(a)} {sa[:3]}..., small_tx gives "
             f"{jax.tree.structure(b)} {sb[:3]}..."
         )
 
 
+@_checks.renamed_args(large_step="large_tx", small_step="small_tx")
 def two_regimes(
-    large_step: optax.GradientTransformation,
-    small_step: optax.GradientTransformation,
+    large_tx: optax.GradientTransformation,
+    small_tx: optax.GradientTransformation,
     *,
     switch_step: int | jax.Array | None = None,
     plateau: PlateauTrigger | None = None,
     signal: bool = False,
     reinit_small_at_switch: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    """Runs ``large_step`` until a trigger fires, then ``small_step`` for good.
+    """Runs ``large_tx`` until a trigger fires, then ``small_tx`` for good.
 
-    Call ``k`` (``count = k`` calls before it) runs ``small_step`` if any trigger fired at a call
+    Call ``k`` (``count = k`` calls before it) runs ``small_tx`` if any trigger fired at a call
     ``<= k``: ``count >= switch_step``; the plateau rules of ``plateau`` on ``value``; or a true
     ``switch``. So with ``switch_step=S`` calls ``0..S-1`` are phase 0 and call ``S`` on is phase 1
     (the ``step < boundary`` rule of ``optax.join_schedules``); ``switch_step=0`` is phase 1 from
-    the first call. ``small_step``'s own count starts at 0 on its first update, so its schedules
-    run from the switch. At the switch ``small_step.init(params)`` is called again with the
+    the first call. ``small_tx``'s own count starts at 0 on its first update, so its schedules
+    run from the switch. At the switch ``small_tx.init(params)`` is called again with the
     current params if ``reinit_small_at_switch`` (a no-op for sgd/adam; it matters for states
     that copy the params, e.g. schedule-free or parameter EMA). Phase 0's state is not carried
     over. Every extra keyword argument of ``update`` (``value`` and ``switch`` included) is
@@ -240,23 +241,25 @@ def two_regimes(
     Under ``vmap`` with a batched state both optimizers run and each batch member switches on
     its own. Under ``optax.MultiSteps`` the count is in optimizer updates; under
     ``optax.apply_if_finite`` rejected steps do not count. ``switch_step`` may be injected
-    (``inject_hyperparams``); ``plateau`` and ``signal`` are structural.
+    (``inject_hyperparams``); ``plateau`` and ``signal`` are structural. The former names
+    ``large_step=`` and ``small_step=`` still work for one release, with a
+    ``DeprecationWarning``.
 
     Args:
-      large_step: the phase-0 optimizer (e.g. ``optax.sgd(lr_large)``).
-      small_step: the phase-1 optimizer (e.g. ``optax.adam(1e-3)``); its updates must have the
-        structure, shapes and dtypes of ``large_step``'s.
+      large_tx: the phase-0 optimizer (e.g. ``optax.sgd(0.1)``).
+      small_tx: the phase-1 optimizer (e.g. ``optax.adam(1e-3)``); its updates must have the
+        structure, shapes and dtypes of ``large_tx``'s.
       switch_step: switch at this call count (int >= 0), or None.
       plateau: a :class:`PlateauTrigger` on ``value=``, or None.
       signal: accept a boolean ``switch=`` extra argument (required on every call when True).
-      reinit_small_at_switch: call ``small_step.init(params)`` at the switch.
+      reinit_small_at_switch: call ``small_tx.init(params)`` at the switch.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose ``update(updates, state, params=None, *,
       value=None, switch=None, **extra)`` returns ``(updates, TwoRegimesState)``.
 
     Raises:
-      TypeError: if ``large_step`` or ``small_step`` is not an ``optax.GradientTransformation``,
+      TypeError: if ``large_tx`` or ``small_tx`` is not an ``optax.GradientTransformation``,
         ``plateau`` is not a :class:`PlateauTrigger`, ``switch_step`` is not an int (Python or
         numpy; bools rejected), or ``signal`` or ``reinit_small_at_switch`` is not a bool; at
         trace time in ``update``: ``value`` missing (with ``plateau``) or not a scalar,
@@ -281,8 +284,8 @@ def two_regimes(
       Leclerc and Madry, `The Two Regimes of Deep Network Training
       <https://arxiv.org/abs/2002.10376>`_, 2020.
     """
-    _checks.check_transformation("large_step", large_step)
-    _checks.check_transformation("small_step", small_step)
+    _checks.check_transformation("large_tx", large_tx)
+    _checks.check_transformation("small_tx", small_tx)
     _checks.check_instance("plateau", plateau, PlateauTrigger, optional=True)
     signal = _checks.check_bool("signal", signal)
     reinit_small_at_switch = _checks.check_bool("reinit_small_at_switch", reinit_small_at_switch)
@@ -292,8 +295,8 @@ def two_regimes(
             "two_regimes needs a trigger: switch_step, plateau or signal=True; got "
             "switch_step=None, plateau=None, signal=False"
         )
-    large = optax.with_extra_args_support(large_step)
-    small = optax.with_extra_args_support(small_step)
+    large = optax.with_extra_args_support(large_tx)
+    small = optax.with_extra_args_support(small_tx)
 
     def init_fn(params: optax.Params) -> TwoRegimesState:
         plateau_state = None
@@ -386,33 +389,35 @@ def two_regimes(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@_checks.renamed_args(lr_large="learning_rate", small_step="small_tx")
 def two_regimes_sgd(
-    lr_large: float | jax.Array,
+    learning_rate: float | jax.Array,
     *,
     total_steps: int,
     large_fraction: float = 0.8,
-    small_step: optax.GradientTransformation | None = None,
+    small_tx: optax.GradientTransformation | None = None,
     weight_decay: float | jax.Array = 0.0,
     reinit_small_at_switch: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """The one-knob preset: constant-rate SGD for a fraction of the budget, then Adam.
 
-    Phase 0 is ``chain(add_decayed_weights(weight_decay), sgd(lr_large))`` (no momentum: in the
-    large-step regime momentum only rescales the rate; with momentum ``mu`` pass
-    ``lr_large * (1 - mu)``). Phase 1 is ``chain(add_decayed_weights(weight_decay), small_step)``
-    with ``small_step`` defaulting to ``optax.adam(1e-3)``, left untuned. The switch is at
-    ``switch_step = round(large_fraction * total_steps)`` updates. The same coupled L2 in both
-    phases keeps one objective.
+    Phase 0 is ``chain(add_decayed_weights(weight_decay), sgd(learning_rate))`` (no momentum:
+    in the large-step regime momentum only rescales the rate; with momentum ``mu`` pass
+    ``learning_rate * (1 - mu)``). Phase 1 is ``chain(add_decayed_weights(weight_decay),
+    small_tx)`` with ``small_tx`` defaulting to ``optax.adam(1e-3)``, left untuned. The switch
+    is at ``switch_step = round(large_fraction * total_steps)`` updates. The same coupled L2 in
+    both phases keeps one objective.
 
-    ``lr_large`` and ``weight_decay`` may be traced (``inject_hyperparams``, ``vmap`` over
+    ``learning_rate`` and ``weight_decay`` may be traced (``inject_hyperparams``, ``vmap`` over
     configurations); ``total_steps`` and ``large_fraction`` are structural: pass them as
-    ``static_args`` to ``inject_hyperparams``.
+    ``static_args`` to ``inject_hyperparams``. The former names ``lr_large=`` and
+    ``small_step=`` still work for one release, with a ``DeprecationWarning``.
 
     Args:
-      lr_large: the constant phase-0 SGD rate, finite and > 0: the one knob to tune.
+      learning_rate: the constant phase-0 SGD rate, finite and > 0: the one knob to tune.
       total_steps: the training budget in optimizer updates (int >= 1).
       large_fraction: fraction of the budget in phase 0, in (0, 1]; 1 never switches (warns).
-      small_step: the phase-1 optimizer; None means ``optax.adam(1e-3)``.
+      small_tx: the phase-1 optimizer; None means ``optax.adam(1e-3)``.
       weight_decay: coupled L2 coefficient >= 0, added in both phases.
       reinit_small_at_switch: see :func:`two_regimes`.
 
@@ -422,9 +427,9 @@ def two_regimes_sgd(
     Raises:
       TypeError: naming the argument, for a value of the wrong type: a string or bool for a
         number, ``total_steps`` not an int (Python or numpy), ``total_steps`` or
-        ``large_fraction`` traced (pass them in ``static_args``), or ``small_step`` neither
+        ``large_fraction`` traced (pass them in ``static_args``), or ``small_tx`` neither
         None nor an ``optax.GradientTransformation``.
-      ValueError: naming the argument, for ``lr_large`` not finite and > 0,
+      ValueError: naming the argument, for ``learning_rate`` not finite and > 0,
         ``total_steps < 1``, ``large_fraction`` outside (0, 1], or ``weight_decay`` < 0.
 
     Examples:
@@ -437,14 +442,14 @@ def two_regimes_sgd(
       >>> print(int(phase_of(s)), int(s.switched_at))
       1 5
     """
-    _checks.check_real("lr_large", lr_large, low=0.0, low_open=True)
+    _checks.check_real("learning_rate", learning_rate, low=0.0, low_open=True)
     total_steps = _checks.check_int("total_steps", total_steps, low=1, static=True)
     _checks.check_real(
         "large_fraction", large_fraction, low=0.0, high=1.0, low_open=True, static=True
     )
     _checks.check_real("weight_decay", weight_decay, low=0.0)
-    if small_step is not None:
-        _checks.check_transformation("small_step", small_step)
+    if small_tx is not None:
+        _checks.check_transformation("small_tx", small_tx)
     switch_step = int(round(float(large_fraction) * total_steps))
     if switch_step >= total_steps:
         logging.warning(
@@ -454,9 +459,9 @@ def two_regimes_sgd(
             total_steps,
             large_fraction,
         )
-    small = small_step if small_step is not None else optax.adam(1e-3)
+    small = small_tx if small_tx is not None else optax.adam(1e-3)
     return two_regimes(
-        optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr_large)),
+        optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate)),
         optax.chain(optax.add_decayed_weights(weight_decay), small),
         switch_step=switch_step,
         reinit_small_at_switch=reinit_small_at_switch,
@@ -467,21 +472,23 @@ def _is_two_regimes_state(x: Any) -> bool:
     return isinstance(x, TwoRegimesState)
 
 
-def phase_of(state: optax.OptState) -> jax.Array:
+@_checks.renamed_args(state="opt_state")
+def phase_of(opt_state: optax.OptState) -> jax.Array:
     """The latched phase (int32; 0 large step, 1 small step) of a :func:`two_regimes` state.
 
-    ``state`` may be the :class:`TwoRegimesState` itself or any optax state holding exactly
+    ``opt_state`` may be the :class:`TwoRegimesState` itself or any optax state holding exactly
     one (inside ``chain``, ``partition``, ``inject_hyperparams``, ...). A loop can act on it,
     e.g. switch to a larger batch in phase 1 (one extra compile for the new shape).
 
     Args:
-      state: an optimizer state.
+      opt_state: an optimizer state (the former name ``state=`` still works for one release,
+        with a ``DeprecationWarning``).
 
     Returns:
       The ``phase`` array (int32 scalar; batched under ``vmap``).
 
     Raises:
-      ValueError: if ``state`` holds no :class:`TwoRegimesState`, or more than one.
+      ValueError: if ``opt_state`` holds no :class:`TwoRegimesState`, or more than one.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -493,11 +500,13 @@ def phase_of(state: optax.OptState) -> jax.Array:
       1
     """
     found = [
-        x for x in jax.tree.leaves(state, is_leaf=_is_two_regimes_state) if _is_two_regimes_state(x)
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=_is_two_regimes_state)
+        if _is_two_regimes_state(x)
     ]
     if len(found) != 1:
         raise ValueError(
-            f"state must hold exactly one TwoRegimesState, found {len(found)} in "
-            f"{type(state).__name__}"
+            f"opt_state must hold exactly one TwoRegimesState, found {len(found)} in "
+            f"{type(opt_state).__name__}"
         )
     return found[0].phase

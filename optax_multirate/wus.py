@@ -95,31 +95,34 @@ def wus_labels(params: Any, *, norm_scale: str = "weight") -> Any:
     return labels_lib.weight_bias_labels(params, norm_scale=norm_scale)
 
 
-def wus_phase(state: Any) -> jax.Array:
-    """The phase of the next step of the :func:`wus` in ``state``: 0 full, 1 bias-only.
+@_checks.renamed_args(state="opt_state")
+def wus_phase(opt_state: optax.OptState) -> jax.Array:
+    """The phase of the next step of the :func:`wus` in ``opt_state``: 0 full, 1 bias-only.
 
     Args:
-      state: a :class:`WusState`, or any optimizer state holding exactly one.
+      opt_state: a :class:`WusState`, or any optimizer state holding exactly one (the former
+        name ``state=`` still works for one release, with a ``DeprecationWarning``).
 
     Returns:
       An int32 scalar array.
 
     Raises:
-      ValueError: if ``state`` holds no :class:`WusState` or more than one.
+      ValueError: if ``opt_state`` holds no :class:`WusState` or more than one.
     """
     found = [
         x
-        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, WusState))
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, WusState))
         if isinstance(x, WusState)
     ]
     if len(found) != 1:
-        raise ValueError(f"state must hold exactly one WusState, found {len(found)}")
+        raise ValueError(f"opt_state must hold exactly one WusState, found {len(found)}")
     return found[0].tag.phase
 
 
+@_checks.renamed_args(labels="param_labels")
 def wus(
     inner: optax.GradientTransformation,
-    labels: Any,
+    param_labels: Any,
     threshold: float | jax.Array = 0.005,
     window: int = 2,
     accumulation_size: int = 1,
@@ -165,8 +168,10 @@ def wus(
 
     Args:
       inner: the optimizer to wrap (any optax transformation).
-      labels: label tree (or callable ``params -> tree``) matching the params, e.g.
+      param_labels: label tree (or callable ``params -> tree``) matching the params, e.g.
         :func:`wus_labels`. Each leaf is ``"weight"``, ``"bias"`` or a label in ``keep``.
+        (Its former name ``labels=`` still works for one release, with a
+        ``DeprecationWarning``.)
       threshold: a period is flat when ``value``'s mean changed by less than this (units of
         ``value``); ``0`` disables the monitor.
       window: window length in decision periods.
@@ -243,7 +248,9 @@ def wus(
         return optax.partition({_HOLD: _hold_unless(inner, weights_active), _KEEP: inner}, groups)
 
     def groups_of(params: Any) -> tuple[Any, dict[str, Hashable]]:
-        by_path = labels_lib.check_labels(labels, params, allowed=allowed, name="labels")
+        by_path = labels_lib.check_labels(
+            param_labels, params, allowed=allowed, name="param_labels"
+        )
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         groups = [_KEEP if by_path[labels_lib.path_str(p)] in keep_set else _HOLD for p, _ in flat]
         return jax.tree_util.tree_unflatten(treedef, groups), by_path
@@ -264,7 +271,7 @@ def wus(
                 f"wus: every param is labelled in keep={keep!r}: nothing would be skipped; "
                 "label the weights 'weight'"
             )
-        tag = phase_tag(params, labels, {0: found, 1: found & keep_set}, name="wus")
+        tag = phase_tag(params, param_labels, {0: found, 1: found & keep_set}, name="wus")
         i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
         return WusState(

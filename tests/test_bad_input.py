@@ -380,7 +380,7 @@ CONSTRUCTOR_CASES = [
         id="lerac-allow_non_monotone-type",
     ),
     _bad(
-        lambda: om.lerac(NOT_A_TX, DEPTH, k=2), "base_optimizer", NOT_A_TX, exc=T, id="lerac-base"
+        lambda: om.lerac(NOT_A_TX, DEPTH, k=2), "inner", NOT_A_TX, exc=T, id="lerac-base"
     ),
     _bad(lambda: om.lerac(SGD, DEPTH, k=-1), "k", -1, exc=V, id="lerac-wrapper-k"),
     _bad(lambda: om.lerac_schedules(0.1, 0, k=2), "num_depths", 0, exc=V, id="lerac_schedules-n"),
@@ -397,12 +397,12 @@ CONSTRUCTOR_CASES = [
     # two_regimes and its preset
     _bad(
         lambda: om.two_regimes(NOT_A_TX, SGD, switch_step=1),
-        "large_step",
+        "large_tx",
         NOT_A_TX,
         exc=T,
         id="tr-large",
     ),
-    _bad(lambda: om.two_regimes(SGD, 1, switch_step=1), "small_step", 1, exc=T, id="tr-small"),
+    _bad(lambda: om.two_regimes(SGD, 1, switch_step=1), "small_tx", 1, exc=T, id="tr-small"),
     _bad(lambda: om.two_regimes(SGD, SGD), "switch_step", NO_VALUE, exc=V, id="tr-no-trigger"),
     *[
         _bad(
@@ -426,7 +426,7 @@ CONSTRUCTOR_CASES = [
     *[
         _bad(
             lambda v=v: om.two_regimes_sgd(v, total_steps=10),
-            "lr_large",
+            "learning_rate",
             v,
             exc=e,
             id=f"tr_sgd-lr-{v!r}",
@@ -461,8 +461,8 @@ CONSTRUCTOR_CASES = [
         id="tr_sgd-wd",
     ),
     _bad(
-        lambda: om.two_regimes_sgd(0.1, total_steps=10, small_step="adam"),
-        "small_step",
+        lambda: om.two_regimes_sgd(0.1, total_steps=10, small_tx="adam"),
+        "small_tx",
         "adam",
         exc=T,
         id="tr_sgd-small",
@@ -826,7 +826,7 @@ UPDATE_CASES = [
         lambda: _update(
             om.two_regimes(SGD, optax.chain(SGD, _to_dtype(jnp.bfloat16)), switch_step=1)
         ),
-        "small_step",
+        "small_tx",
         exc=V,
         id="tr-branches-differ",
     ),

@@ -106,9 +106,9 @@ def _no_extra(t: int) -> dict:
 # ------------------------------------------------------------------------------ the entries
 
 
-def _freeze_sgd(learning_rate, labels, frozen):
+def _freeze_sgd(learning_rate, param_labels, frozen):
     """``freeze_schedule`` has no numeric hyperparameter: inject its inner optimizer's rate."""
-    return om.freeze_schedule(optax.sgd(learning_rate, momentum=0.9), labels, frozen)
+    return om.freeze_schedule(optax.sgd(learning_rate, momentum=0.9), param_labels, frozen)
 
 
 def _multirate_sgd_pair(learning_rate, k, param_labels):
@@ -207,7 +207,7 @@ ENTRIES: dict[str, Entry] = {
             noop=lambda b: om.freeze_schedule(BASES[b](), FREEZE_LABELS, {"body": (100, None)}),
             inject=Inject(
                 _freeze_sgd,
-                lambda b: dict(learning_rate=0.05, labels=FREEZE_LABELS, frozen={"body": (1, 4)}),
+                lambda b: dict(learning_rate=0.05, param_labels=FREEZE_LABELS, frozen={"body": (1, 4)}),
                 (),
                 "learning_rate",
                 0.5,
@@ -287,7 +287,7 @@ ENTRIES: dict[str, Entry] = {
             extra=_value,
             inject=Inject(
                 om.wus,
-                lambda b: dict(inner=BASES[b](), labels=WB_LABELS, window=1, warmup=1),
+                lambda b: dict(inner=BASES[b](), param_labels=WB_LABELS, window=1, warmup=1),
                 ("window", "accumulation_size", "patience", "warmup"),
                 "threshold",
                 10.0,  # every period is flat: a window opens at the next judgement
@@ -309,7 +309,7 @@ ENTRIES: dict[str, Entry] = {
             noop=lambda b: optax.chain(BASES[b](), om.scale_by_lerac(DEPTH, k=0)),
             inject=Inject(
                 om.scale_by_lerac,
-                lambda b: dict(depth_labels=DEPTH, k=5, decay=0.1),
+                lambda b: dict(param_labels=DEPTH, k=5, decay=0.1),
                 ("k", "steps_per_tick"),
                 "decay",
                 0.5,
@@ -329,7 +329,7 @@ ENTRIES: dict[str, Entry] = {
             noop=lambda b: om.lerac(BASES[b](), DEPTH, k=0),
             inject=Inject(
                 om.lerac,
-                lambda b: dict(base_optimizer=BASES[b](), depth_labels=DEPTH, k=5, decay=0.1),
+                lambda b: dict(inner=BASES[b](), param_labels=DEPTH, k=5, decay=0.1),
                 ("k", "steps_per_tick"),
                 "decay",
                 0.5,
@@ -344,7 +344,7 @@ ENTRIES: dict[str, Entry] = {
             inject=Inject(
                 om.two_regimes,
                 lambda b: dict(
-                    large_step=BASES[b](), small_step=BASES[OTHER[b]](), switch_step=100
+                    large_tx=BASES[b](), small_tx=BASES[OTHER[b]](), switch_step=100
                 ),
                 (),
                 "switch_step",  # documented as injectable
@@ -363,17 +363,17 @@ ENTRIES: dict[str, Entry] = {
             name="two_regimes_sgd",
             role="optimizer",
             make=lambda b, sc: om.two_regimes_sgd(
-                0.1, total_steps=8, large_fraction=0.5, small_step=BASES[b]()
+                0.1, total_steps=8, large_fraction=0.5, small_tx=BASES[b]()
             ),
             # switch_step = round(1e-4 * 1000) = 0: the small-step optimizer from the start
             noop=lambda b: om.two_regimes_sgd(
-                0.1, total_steps=1000, large_fraction=1e-4, small_step=BASES[b]()
+                0.1, total_steps=1000, large_fraction=1e-4, small_tx=BASES[b]()
             ),
             inject=Inject(
                 om.two_regimes_sgd,
-                lambda b: dict(lr_large=0.1, total_steps=8, large_fraction=0.5),
+                lambda b: dict(learning_rate=0.1, total_steps=8, large_fraction=0.5),
                 ("total_steps", "large_fraction"),
-                "lr_large",
+                "learning_rate",
                 1.0,
             ),
             moment=(

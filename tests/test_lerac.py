@@ -351,7 +351,7 @@ def test_single_depth_warns_plain_warmup(caplog):
 
 
 def test_lerac_errors():
-    with pytest.raises(TypeError, match="base_optimizer"):
+    with pytest.raises(TypeError, match="inner"):
         lerac(0.1, {"a": 0}, k=1)
     with pytest.raises(TypeError, match="num_depths"):
         lerac_schedules(0.1, k=2)
@@ -440,7 +440,7 @@ def test_schedules_route_equals_scale_by_lerac(mode):
 def test_inside_inject_hyperparams():
     params, depth, grads = _toy(4, (2,))
     make = optax.inject_hyperparams(
-        scale_by_lerac, static_args=("depth_labels", "k", "steps_per_tick")
+        scale_by_lerac, static_args=("param_labels", "k", "steps_per_tick")
     )
     tx = make(depth, k=4, decay=0.1)
     plain = scale_by_lerac(depth, k=4, decay=0.1)

@@ -417,8 +417,8 @@ def test_preset_warns_when_it_never_switches(caplog):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"large_step": "sgd"}, "large_step"),
-        ({"small_step": None}, "small_step"),
+        ({"large_tx": "sgd"}, "large_tx"),
+        ({"small_tx": None}, "small_tx"),
         ({"plateau": {"patience": 3}}, "plateau"),
         ({"switch_step": True}, "switch_step"),
         ({"switch_step": 2.0}, "switch_step"),
@@ -427,7 +427,7 @@ def test_preset_warns_when_it_never_switches(caplog):
     ],
 )
 def test_constructor_type_errors(kwargs, match):
-    args = {"large_step": optax.sgd(1.0), "small_step": optax.sgd(0.1), "switch_step": 3}
+    args = {"large_tx": optax.sgd(1.0), "small_tx": optax.sgd(0.1), "switch_step": 3}
     args.update(kwargs)
     with pytest.raises(TypeError, match=match):
         two_regimes(**args)
@@ -482,8 +482,8 @@ def test_plateau_trigger_type_errors(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"lr_large": 0.0}, "lr_large"),
-        ({"lr_large": math.inf}, "lr_large"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"learning_rate": math.inf}, "learning_rate"),
         ({"total_steps": 0}, "total_steps"),
         ({"large_fraction": 0.0}, "large_fraction"),
         ({"large_fraction": 1.2}, "large_fraction"),
@@ -491,15 +491,15 @@ def test_plateau_trigger_type_errors(kwargs, match):
     ],
 )
 def test_preset_errors(kwargs, match):
-    args = {"lr_large": 0.1, "total_steps": 10}
+    args = {"learning_rate": 0.1, "total_steps": 10}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         two_regimes_sgd(**args)
-    with pytest.raises(TypeError, match="small_step"):
-        two_regimes_sgd(0.1, total_steps=10, small_step="adam")
+    with pytest.raises(TypeError, match="small_tx"):
+        two_regimes_sgd(0.1, total_steps=10, small_tx="adam")
     with pytest.raises(TypeError, match="total_steps"):
         two_regimes_sgd(0.1, total_steps=10.0)
-    with pytest.raises(TypeError, match="lr_large"):
+    with pytest.raises(TypeError, match="learning_rate"):
         two_regimes_sgd("0.1", total_steps=10)
 
 
@@ -524,7 +524,7 @@ def test_update_errors():
     # Branches whose updates differ in dtype: the message names both optimizers.
     to16 = optax.stateless(lambda u, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), u))
     tx = two_regimes(optax.sgd(1.0), to16, switch_step=2)
-    with pytest.raises(ValueError, match="large_step and small_step"):
+    with pytest.raises(ValueError, match="large_tx and small_tx"):
         jax.jit(tx.update)(g, tx.init(PARAMS), PARAMS)
 
 
