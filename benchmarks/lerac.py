@@ -144,12 +144,10 @@ def make_tx(
 
 
 def _find_lerac(opt_state: Any) -> LeracState | None:
-    found = [
-        x
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LeracState))
-        if isinstance(x, LeracState)
-    ]
-    return found[0] if found else None
+    """The LeRaC state inside ``opt_state`` (None for an arm without one)."""
+    return optax.tree_utils.tree_get(
+        opt_state, "LeracState", filtering=lambda _, v: isinstance(v, LeracState)
+    )
 
 
 def _loss_fn(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:

@@ -468,19 +468,6 @@ def multirate_subgroups(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _find_state(opt_state: Any, cls: type) -> Any:
-    if isinstance(opt_state, cls):
-        return opt_state
-    found = [
-        x
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls))
-        if isinstance(x, cls)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"opt_state must hold exactly one {cls.__name__}, found {len(found)}")
-    return found[0]
-
-
 def apply_slow_mask(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     r"""The params the next forward pass of :func:`multirate_subgroups` uses.
 
@@ -501,7 +488,7 @@ def apply_slow_mask(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
     Raises:
       ValueError: if ``opt_state`` holds no or several :class:`MultirateSubgroupsState`.
     """
-    state = _find_state(opt_state, MultirateSubgroupsState)
+    state = _checks.find_state("opt_state", opt_state, MultirateSubgroupsState)
     off = jnp.logical_not(state.slow_step)
     return jax.tree.map(
         lambda x, m: jnp.where(jnp.logical_and(m, off), jnp.zeros_like(x), x),

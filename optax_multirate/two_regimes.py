@@ -468,10 +468,6 @@ def two_regimes_sgd(
     )
 
 
-def _is_two_regimes_state(x: Any) -> bool:
-    return isinstance(x, TwoRegimesState)
-
-
 @_checks.renamed_args(state="opt_state")
 def phase_of(opt_state: optax.OptState) -> jax.Array:
     """The latched phase (int32; 0 large step, 1 small step) of a :func:`two_regimes` state.
@@ -499,14 +495,4 @@ def phase_of(opt_state: optax.OptState) -> jax.Array:
       >>> print(int(phase_of(s)))
       1
     """
-    found = [
-        x
-        for x in jax.tree.leaves(opt_state, is_leaf=_is_two_regimes_state)
-        if _is_two_regimes_state(x)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"opt_state must hold exactly one TwoRegimesState, found {len(found)} in "
-            f"{type(opt_state).__name__}"
-        )
-    return found[0].phase
+    return _checks.find_state("opt_state", opt_state, TwoRegimesState).phase

@@ -109,14 +109,7 @@ def wus_phase(opt_state: optax.OptState) -> jax.Array:
     Raises:
       ValueError: if ``opt_state`` holds no :class:`WusState` or more than one.
     """
-    found = [
-        x
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, WusState))
-        if isinstance(x, WusState)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"opt_state must hold exactly one WusState, found {len(found)}")
-    return found[0].tag.phase
+    return _checks.find_state("opt_state", opt_state, WusState).tag.phase
 
 
 @_checks.renamed_args(labels="param_labels")

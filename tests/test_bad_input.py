@@ -379,9 +379,7 @@ CONSTRUCTOR_CASES = [
         exc=T,
         id="lerac-allow_non_monotone-type",
     ),
-    _bad(
-        lambda: om.lerac(NOT_A_TX, DEPTH, k=2), "inner", NOT_A_TX, exc=T, id="lerac-base"
-    ),
+    _bad(lambda: om.lerac(NOT_A_TX, DEPTH, k=2), "inner", NOT_A_TX, exc=T, id="lerac-base"),
     _bad(lambda: om.lerac(SGD, DEPTH, k=-1), "k", -1, exc=V, id="lerac-wrapper-k"),
     _bad(lambda: om.lerac_schedules(0.1, 0, k=2), "num_depths", 0, exc=V, id="lerac_schedules-n"),
     _bad(

@@ -170,13 +170,12 @@ class Entry:
 
 
 def _find(state: Any, cls: type) -> Any:
-    found = [
-        x
-        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
-        if isinstance(x, cls)
-    ]
+    """The one ``cls`` state (a NamedTuple, found by its class name as optax does) in ``state``."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        state, cls.__name__, filtering=lambda _, v: isinstance(v, cls)
+    )
     assert len(found) == 1, f"expected one {cls.__name__}, found {len(found)}"
-    return found[0]
+    return found[0][1]
 
 
 def _born_in_stage_1(state: Any) -> Any:
@@ -207,7 +206,9 @@ ENTRIES: dict[str, Entry] = {
             noop=lambda b: om.freeze_schedule(BASES[b](), FREEZE_LABELS, {"body": (100, None)}),
             inject=Inject(
                 _freeze_sgd,
-                lambda b: dict(learning_rate=0.05, param_labels=FREEZE_LABELS, frozen={"body": (1, 4)}),
+                lambda b: dict(
+                    learning_rate=0.05, param_labels=FREEZE_LABELS, frozen={"body": (1, 4)}
+                ),
                 (),
                 "learning_rate",
                 0.5,
@@ -343,9 +344,7 @@ ENTRIES: dict[str, Entry] = {
             noop=lambda b: om.two_regimes(BASES[b](), BASES[OTHER[b]](), switch_step=1000),
             inject=Inject(
                 om.two_regimes,
-                lambda b: dict(
-                    large_tx=BASES[b](), small_tx=BASES[OTHER[b]](), switch_step=100
-                ),
+                lambda b: dict(large_tx=BASES[b](), small_tx=BASES[OTHER[b]](), switch_step=100),
                 (),
                 "switch_step",  # documented as injectable
                 0,

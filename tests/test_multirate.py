@@ -303,6 +303,26 @@ def test_subgroups_init_errors():
         )
 
 
+def test_apply_slow_mask_finds_the_state_inside_any_optax_state():
+    params = _params()
+    sub = multirate_subgroups(0.1, 2, seed=0)
+    alone = apply_slow_mask(params, sub.init(params))
+    for wrapped in (
+        optax.chain(optax.clip(1.0), sub),
+        optax.inject_hyperparams(multirate_subgroups, static_args=("k", "seed"))(0.1, 2, seed=0),
+    ):
+        for a, b in zip(
+            jax.tree.leaves(alone), jax.tree.leaves(apply_slow_mask(params, wrapped.init(params)))
+        ):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        ValueError, match="opt_state must hold exactly one MultirateSubgroupsState, found none"
+    ):
+        apply_slow_mask(params, optax.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match="found 2, at"):
+        apply_slow_mask(params, optax.chain(sub, sub).init(params))
+
+
 # --------------------------------------------------------------------------- phased train step
 
 
