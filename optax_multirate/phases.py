@@ -230,9 +230,27 @@ def needed_mask(
     """
     tags = find_tags(opt_state)
     if phases is None:
-        phases = read_phases(opt_state)
-    paths = tuple(labels_lib.leaf_paths(params))
+        phases = tuple(int(np.asarray(t.phase)) for t in tags)  # as read_phases does
+    paths = _paths_of(jax.tree.structure(params))
     return _mask_for(paths, _statics(tags), tuple(phases))
+
+
+def _mask_plan(state_def: Any, params_def: Any) -> tuple[tuple[int, ...], dict]:
+    """Where each tag's phase sits among the optimizer state's leaves, and an empty mask table.
+
+    The structure of an optimizer state holds its tags' static fields, so the flat positions
+    of their phase leaves are a function of that structure: found once by unflattening the
+    positions themselves and reading each tag's ``phase``.
+    """
+    del params_def  # the table's masks are for these params; the key says so
+    positions = jax.tree.unflatten(state_def, list(range(state_def.num_leaves)))
+    return tuple(int(t.phase) for t in find_tags(positions)), {}
+
+
+@functools.lru_cache(maxsize=256)
+def _paths_of(treedef: Any) -> tuple[str, ...]:
+    """The leaf paths of a params tree, from its structure (cached: on the per-step path)."""
+    return tuple(labels_lib.leaf_paths(jax.tree.unflatten(treedef, [0] * treedef.num_leaves)))
 
 
 def needed_tree(opt_state: Any, params: Any) -> Any:
@@ -241,33 +259,40 @@ def needed_tree(opt_state: Any, params: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), list(mask))
 
 
-_AVAL_TYPES: set[type] = set()  # concrete jax array types seen: their aval is an attribute
+_JAX_ARRAY_TYPES: set[type] = set()  # concrete jax array types seen (their aval is cached)
 
 
-@functools.lru_cache(maxsize=1024)
-def _host_aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
-    return jax.typeof(jax.ShapeDtypeStruct(shape, dtype))
-
-
-def _leaf_aval(x: Any) -> Any:
+def _leaf_key(x: Any) -> Hashable:
+    """``(shape, dtype, weak type)`` of one argument leaf: what a compiled program depends on."""
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        _AVAL_TYPES.add(type(x))
-        return x.aval
-    if type(x) is np.ndarray:  # the aval a jax array of that shape and dtype has
-        return _host_aval(x.shape, x.dtype)
-    return jax.typeof(x)
+        _JAX_ARRAY_TYPES.add(type(x))
+        a = x.aval
+        return a.shape, a.dtype, a.weak_type
+    if type(x) is np.ndarray:  # a jax array of that shape and dtype has the same key
+        return x.shape, x.dtype, False
+    a = jax.typeof(x)
+    return a.shape, a.dtype, a.weak_type
 
 
 def _signature(args: Any) -> Hashable:
-    """The input signature a compiled step program is kept under: tree structure and avals.
+    """The input signature a compiled step program is kept under.
 
-    An aval holds a leaf's shape, dtype and weak type; it is what ``jax.jit`` keys its own
-    cache on, so a numpy array and a jax array of the same shape and dtype share a signature.
-    On the per-step hot path: a flatten and one cached attribute read per jax array (a few
-    microseconds for a CNN's params, optimizer state and batch).
+    The tree structure and each leaf's shape, dtype and weak type, so a numpy array and a jax
+    array of the same shape and dtype share a signature. Shardings are left out on purpose:
+    an aval also carries the abstract mesh, and two placements of the same scalar can give
+    avals that differ there while the compiled program is the same; the executable checks
+    shardings itself. On the per-step hot path: a flatten and a few attribute reads per leaf
+    (a few microseconds for a CNN's params, optimizer state and batch).
     """
     leaves, treedef = jax.tree.flatten(args)
-    return (treedef, *[x.aval if type(x) in _AVAL_TYPES else _leaf_aval(x) for x in leaves])
+    keys = []
+    for x in leaves:
+        if type(x) in _JAX_ARRAY_TYPES:
+            a = x.aval
+            keys.append((a.shape, a.dtype, a.weak_type))
+        else:
+            keys.append(_leaf_key(x))
+    return treedef, *keys
 
 
 class StepOutput(NamedTuple):
@@ -341,6 +366,7 @@ class PhasedStep:
         self.dispatch = dispatch
         self.jit = jit
         self._programs: dict[Any, Callable[..., StepOutput]] = {}
+        self._mask_plans: dict[Any, tuple[tuple[int, ...], dict[tuple[int, ...], Any]]] = {}
         self.masks: list[tuple[bool, ...]] = []
         self.last_mask: tuple[bool, ...] | None = None
         self.compile_time_s = 0.0
@@ -458,11 +484,26 @@ class PhasedStep:
         return prog
 
     def mask_for(self, params: Any, opt_state: Any) -> tuple[bool, ...]:
-        """The mask the next call would use (reads the phases under host dispatch)."""
-        n = len(jax.tree.leaves(params))
+        """The mask the next call would use (reads the phases under host dispatch).
+
+        Equal to :func:`needed_mask`, with what only depends on the two trees' structures
+        (where the phase leaves sit in the optimizer state, the params' paths) computed once
+        per structure: on the per-step path this is one flatten and one read per tag.
+        """
+        params_def = jax.tree.structure(params)
         if self.dispatch == "full":
-            return (True,) * n
-        return needed_mask(opt_state, params)
+            return (True,) * params_def.num_leaves
+        leaves, state_def = jax.tree.flatten(opt_state)
+        plan = self._mask_plans.get((state_def, params_def))
+        if plan is None:
+            plan = _mask_plan(state_def, params_def)
+            self._mask_plans[(state_def, params_def)] = plan
+        where, table = plan
+        phases = tuple(int(np.asarray(leaves[i])) for i in where)
+        mask = table.get(phases)
+        if mask is None:
+            mask = table[phases] = needed_mask(opt_state, params, phases)
+        return mask
 
     # -- calling ---------------------------------------------------------------------------
 
