@@ -14,8 +14,14 @@ it), on the same model, data, batches, seeds and epochs as the references:
   that they follow the widths.
 
 References: ``sgd`` and every method alone. A small CNN with batch norm on scikit-learn's
-digits, seeds interleaved (seed 0 of every arm, then seed 1). Each run is caught on its own:
-a failure is recorded with its error in the results (``pairs_failed``), never dropped::
+digits, seeds interleaved (seed 0 of every arm, then seed 1), every run through the library's
+loop (:func:`optax_multirate.train.fit`; the grown arms through
+:func:`optax_multirate.fit_grown`, which is ``fit`` with a growth callback). There is no
+selection here: every arm uses the same step size, since no claim is compared. Each run is
+caught on its own: a failure is recorded with its error in the results (``pairs_failed``),
+never dropped; a run whose loss goes non-finite or whose last epoch's mean training loss is
+at or above ``0.9 ln 10`` is flagged as diverged (``diverged_runs``, per arm
+``<arm>_diverged_runs``), kept in the means and shown in the table::
 
     python -m benchmarks.combos            # full: 3 seeds, writes benchmarks/results/combos.*
     python -m benchmarks.combos --quick    # smoke: 1 seed, 2 epochs on 256 examples, pairs only
@@ -33,7 +39,7 @@ import jax
 import optax
 
 import optax_multirate as om
-from benchmarks import harness
+from benchmarks import harness, protocol
 from optax_multirate.data import Split, load_dataset, num_batches
 from optax_multirate.models import CNN
 
@@ -230,6 +236,8 @@ def _run_arm(
         return {
             "failed": False,
             "error": None,
+            "diverged": protocol.is_diverged([row["train_loss"] for row in res.history],
+                                             num_classes),  # fmt: skip
             "final_accuracy": res.final_accuracy,
             "train_time_s": res.train_time_s,
             "compile_time_s": res.compile_time_s,
@@ -246,6 +254,7 @@ def _run_arm(
         logger.exception("arm %s seed %d failed", arm, seed)
         return {
             "failed": True,
+            "diverged": False,  # a failed run is counted in failed_runs, not here
             "error": f"{type(e).__name__}: {e}",
             "traceback": traceback.format_exc(limit=-8),
             "final_accuracy": None,
@@ -279,10 +288,12 @@ def _summarise(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any
             ms = [m for m in ms if m is not None and not math.isnan(m)]
             summary[f"{k}_{kind}_step_time_ms"] = harness.median_ms(ms) if ms else None
         summary[f"{k}_failed_runs"] = len(rs) - len(ok)
+        summary[f"{k}_diverged_runs"] = protocol.diverged_runs(rs)
     pairs = [a for a in arms if a in PAIRS]
     summary["pairs_run"] = len(pairs)
     summary["pairs_failed"] = sum(1 for a in pairs if summary[f"{_key(a)}_failed_runs"])
     summary["runs_failed"] = sum(1 for r in runs if r["failed"])
+    summary["diverged_runs"] = protocol.diverged_runs(runs)
     return summary
 
 
@@ -299,8 +310,8 @@ def _table(
     rows = [
         "| arm | chain | test accuracy | vs SGD (pt) | train time (s) | time ratio vs SGD "
         "| full / partial step (ms) | step programs | partial-gradient steps | notes "
-        "| failed runs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+        "| diverged runs | failed runs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |",
     ]
     for arm in arms:
         k = _key(arm)
@@ -328,6 +339,7 @@ def _table(
             f"| {_fmt(summary[f'{k}_full_step_time_ms'], '.2f')} / "
             f"{_fmt(summary[f'{k}_partial_step_time_ms'], '.2f')} "
             f"| {', '.join(masks) or 'n/a'} | {partial}/{steps} | {', '.join(notes)} "
+            f"| {summary[f'{k}_diverged_runs']} of {len(rs)} "
             f"| {summary[f'{k}_failed_runs']}{' (' + errors + ')' if errors else ''} |"
         )
     return "\n".join(rows)
@@ -413,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "with a program that differentiates only part of the params (multirate's fast-only "
         "steps, WUS windows). Notes give per seed the WUS windows opened and the steps run in "
         "one (a window opened after the last epoch runs none), the two-regimes switch step and "
-        "the growths."
+        "the growths. Diverged runs: a non-finite loss or a last-epoch mean training loss at "
+        f"or above 0.9 ln 10 ({summary['diverged_runs']} in all); they stay in the means."
     )
     harness.write_results(
         NAME,

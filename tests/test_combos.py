@@ -20,6 +20,11 @@ def test_combos_quick_runs_every_pair(tmp_path):
     failed = [f"{r['arm']}: {r['error']}" for r in data["runs"] if r["failed"]]
     assert summary["pairs_failed"] == 0 and summary["runs_failed"] == 0, failed
     assert summary["pairs_run"] == len(combos.PAIRS)
+    # the divergence rule: every run flagged, counted over all arms and per arm
+    assert all(isinstance(r["diverged"], bool) for r in data["runs"])
+    assert summary["diverged_runs"] == sum(r["diverged"] for r in data["runs"])
+    assert summary["diverged_runs"] == sum(summary[f"{combos._key(a)}_diverged_runs"]
+                                           for a in ("sgd", *combos.PAIRS))  # fmt: skip
     for arm in ("sgd", *combos.PAIRS):
         k = combos._key(arm)
         for figure in ("accuracy", "time_ratio", "accuracy_delta_pt", "train_time_s"):
