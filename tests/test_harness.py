@@ -213,6 +213,8 @@ def test_failing_run_leaves_results_untouched(tmp_path):
 def test_baseline_quick(tmp_path):
     from benchmarks.baseline import main
 
+    from benchmarks.baseline import QUICK_GRID
+
     main(["--quick", "--out-dir", str(tmp_path)])
     record = json.loads((tmp_path / "baseline.quick.json").read_text())
     keys = {
@@ -221,8 +223,15 @@ def test_baseline_quick(tmp_path):
         "train_time_s",
         "compile_time_s",
         "step_time_ms",
+        "diverged_runs",
     }
     assert keys <= set(record["summary"])
     assert record["quick"] is True and len(record["runs"]) == 1
+    sel = record["selection"]["baseline"]  # the step size, selected on validation
+    assert sel["grid"] == [{"learning_rate": lr} for lr in QUICK_GRID]
+    assert sel["configs_tried"] == len(QUICK_GRID) == len(sel["scores"])
+    assert sel["chosen"] in sel["grid"] and record["runs"][0]["config"] == sel["chosen"]
+    assert record["summary"]["diverged_runs"] == 0 and record["runs"][0]["diverged"] is False
+    assert record["config"]["splits"]["stratified"] is True
     assert not (tmp_path / "baseline.json").exists()
     assert (tmp_path / "baseline.quick.md").exists() and (tmp_path / "baseline.quick.png").exists()
