@@ -320,7 +320,7 @@ def median_ms(times: Iterable[float]) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    """Device, core count, platform and processor of this machine."""
+    """Device, core count, platform, processor and current load of this machine."""
     import jax
 
     devices = jax.devices()
@@ -333,6 +333,12 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
+        # 1-, 5- and 15-minute load averages when the results were written: a load well above
+        # the core count means other work shared the machine and absolute times are inflated
+        # (ratios of interleaved arms much less so)
+        "load_average": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
     }
 
 
