@@ -27,7 +27,9 @@ the comparison protocol (:mod:`benchmarks.protocol`), in this order:
    :class:`~optax_multirate.growing.GrowthStages` callback (the fixed arm: a one-stage
    schedule), each run with fresh train steps so that it compiles every stage it runs (timed
    apart, added in the ``_with_compile`` figures): ``fixed`` and ``grown`` on 10 paired
-   seeds, the ablations on the first 5, seed-major. The sealed test split is read there only.
+   seeds, the ablations on the first 5, seed-major. The ablations are accuracy controls: they
+   reuse compiled steps, so their compile time is not per run. The sealed test split is read
+   there only.
 
 Run::
 
@@ -108,7 +110,7 @@ class Plan:
     timing_rounds: int
     timing_chain: int
     train_examples: int | None  # None: all of mnist1d's training split
-    share_steps: bool  # final runs share compiled steps (only --quick: seconds, not figures)
+    share_steps: bool  # fixed and grown share compiled steps too (--quick: seconds, not figures)
 
 
 FULL = Plan(hidden_layers=2, final_width=1024, sweep=(64, 128, 256, 512, 768, 1024, 1536),
@@ -197,9 +199,9 @@ class Setup:
         """``(tx, step cache)`` of a run of ``arm`` with ``config``.
 
         ``shared``: one optimizer and step cache per (rate adaptation, configuration), kept
-        for every run that asks for it (the selection seeds; every run of ``--quick``, whose
-        compile figures are then not per run). Otherwise a fresh optimizer and no cache: the
-        run compiles every stage it runs.
+        for every run that asks for it (the selection seeds, the ablations; every run of
+        ``--quick``), whose compile figures are then not per run. Otherwise a fresh optimizer
+        and no cache: the run compiles every stage it runs.
         """
         lra, lr = ARMS[arm][1], config["learning_rate"]
         if not shared:
@@ -457,14 +459,16 @@ def select_arms(setup: Setup, schedule: GrowthSchedule) -> dict[str, dict[str, A
 def final_runs(
     setup: Setup, schedule: GrowthSchedule, selection: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
-    """Every arm on the ablation seeds, then ``fixed`` and ``grown`` on the other seeds; each
-    run one at a time, seed-major, with fresh steps. The first seed of ``fixed`` and ``grown``
-    measures the FLOPs."""
+    """Every arm on the ablation seeds, then ``fixed`` and ``grown`` on the other seeds, one
+    run at a time, seed-major. ``fixed`` and ``grown`` build fresh steps for every run (each
+    run compiles, and times, every stage); the ablations, accuracy controls, reuse compiled
+    steps. The first seed of ``fixed`` and ``grown`` measures the FLOPs."""
     first = setup.seeds[0]
 
     def arm_fn(arm: str) -> Callable[[dict, int, Split], dict]:
         def run(config: dict, seed: int, test: Split) -> dict:
-            tx, cache = setup.optimizer(arm, config, schedule, shared=setup.plan.share_steps)
+            shared = setup.plan.share_steps or arm in ABLATIONS
+            tx, cache = setup.optimizer(arm, config, schedule, shared=shared)
             return run_arm(setup, arm, tx, seed, {"test": test}, schedule, step_cache=cache,
                            measure_flops=seed == first and arm in ("fixed", "grown"))  # fmt: skip
 
@@ -688,16 +692,17 @@ def _table(
         acc, std = harness.mean_std([r["final_accuracy"] for r in rs])
         tt = [_time_to(r, s["target_accuracy"], False) for r in rs]
         reached = [t for t in tt if t is not None]
-        ratio = "1" if arm == "fixed" else (
-            f"{protocol.time_ratio(runs, arm, 'fixed'):.3f} "
-            f"({protocol.time_ratio_with_compile(runs, arm, 'fixed'):.3f})"
-            if _arm_runs(runs, "fixed") else "n/a"
+        shared = arm in ABLATIONS or setup.plan.share_steps  # compiles are not per run
+        ratio = "1" if arm == "fixed" else "n/a" if not _arm_runs(runs, "fixed") else (
+            f"{protocol.time_ratio(runs, arm, 'fixed'):.3f}"
+            + ("" if shared else f" ({protocol.time_ratio_with_compile(runs, arm, 'fixed'):.3f})")
         )  # fmt: skip
+        compile_s = statistics.fmean(r["compile_time_s"] for r in rs)
         lines.append(
             f"| {arm} | {WHAT[arm]} | {lr} | {len(rs)} | {acc:.4f} ± {std:.4f} | "
             f"{_ci(s, keys[arm]) if arm in keys else ''} | "
             f"{statistics.fmean(r['train_time_s'] for r in rs):.2f} | "
-            f"{statistics.fmean(r['compile_time_s'] for r in rs):.2f} | {ratio} | "
+            f"{compile_s:.2f}{' (steps shared)' if shared else ''} | {ratio} | "
             f"{_f(_mean(reached), '.2f')} ({len(reached)}/{len(rs)}) | "
             f"{sum(bool(r['diverged']) for r in rs)} |"
         )
