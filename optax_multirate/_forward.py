@@ -73,50 +73,102 @@ def joined(parts: Sequence[Hashable]) -> str:
     return "/".join(map(str, parts))
 
 
-def first_reads(fn: Callable[..., Any], leaves: Sequence[Any]) -> tuple[list, list[bool]]:
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """How a ``scan`` slices a leaf: the scan (its position), its length, the leaf's axis."""
+
+    scan: int
+    length: int
+    axis: int
+    reverse: bool
+
+
+#: Primitives whose output is the same param, viewed: its first read is where the view is used.
+_VIEWS = ("transpose", "convert_element_type", "copy", "copy_p")
+
+
+@dataclasses.dataclass
+class Reads:
+    """What :func:`first_reads` finds, per leaf and per scan that slices a leaf.
+
+    Attributes:
+      first: position of the first equation reading each leaf, or None (never read).
+      stacks: per leaf, the :class:`Stack` that slices it (None: not sliced by a scan).
+      nested: per leaf, True when a scan slices a slice of it again (a stack of stacks).
+      scans: ``{scan position: (first, last + 1)}``, the positions of each slicing scan's body.
+    """
+
+    first: list[int | None]
+    stacks: list[Stack | None]
+    nested: list[bool]
+    scans: dict[int, tuple[int, int]]
+
+
+def first_reads(fn: Callable[..., Any], leaves: Sequence[Any]) -> Reads:
     """Position of the first equation reading each leaf in the jaxpr of ``fn(*leaves)``.
 
     Calls (``jit``, ``remat``, custom derivatives, ``scan`` bodies) are entered, so a position
     is that of the innermost equation; a leaf read by a ``cond`` or ``while`` gets the
-    position of that equation. A leaf sliced by a ``scan`` is marked stacked.
-
-    Returns:
-      ``(first, stacked)``: per leaf, an int position or None (never read), and a bool.
+    position of that equation. Views of a leaf (transposes, dtype casts) are followed, so a
+    leaf transposed before a scan (``nn.scan`` over a non-leading axis) counts as sliced on
+    its own axis. A leaf sliced by a ``scan`` gets a :class:`Stack`.
     """
     closed = jax.make_jaxpr(fn)(*leaves)
-    first: list[int | None] = [None] * len(leaves)
-    stacked = [False] * len(leaves)
+    n = len(leaves)
+    out = Reads([None] * n, [None] * n, [False] * n, {})
     counter = itertools.count()
     jaxpr_types = (jex.core.Jaxpr, jex.core.ClosedJaxpr)
 
     def walk(jaxpr: Any, env: dict) -> None:
+        # env: var -> (leaf, leaf axis of each of the var's axes, scans around the slice)
         for eqn in jaxpr.eqns:
             pos = next(counter)
             ins = [env.get(v) if isinstance(v, jex.core.Var) else None for v in eqn.invars]
             if all(i is None for i in ins):
+                continue
+            if eqn.primitive.name in _VIEWS and len(ins) == 1:
+                i, axes, level = ins[0]
+                perm = eqn.params.get("permutation", range(len(axes)))
+                env[eqn.outvars[0]] = (i, tuple(axes[p] for p in perm), level)
                 continue
             subs = [s for s in eqn.params.values() if isinstance(s, jaxpr_types)]
             sub = subs[0] if len(subs) == 1 else None
             sub = sub.jaxpr if isinstance(sub, jex.core.ClosedJaxpr) else sub
             if sub is not None and len(sub.invars) == len(eqn.invars):
                 scan = eqn.primitive.name == "scan"
+                sub_ins = list(ins)
                 if scan:
-                    for i in ins[eqn.params["num_consts"] + eqn.params["num_carry"] :]:
-                        if i is not None:
-                            stacked[i] = True
-                sub_env = {v: i for v, i in zip(sub.invars, ins) if i is not None}
+                    start = eqn.params["num_consts"] + eqn.params["num_carry"]
+                    for j in range(start, len(ins)):
+                        if ins[j] is None:
+                            continue
+                        i, axes, level = ins[j]
+                        if level or axes[0] is None:
+                            out.nested[i] = True
+                        elif out.stacks[i] is None:
+                            out.stacks[i] = Stack(
+                                pos, int(eqn.params["length"]), axes[0], bool(eqn.params["reverse"])
+                            )
+                        sub_ins[j] = (i, axes[1:], level + 1)
+                sub_env = {v: x for v, x in zip(sub.invars, sub_ins) if x is not None}
                 walk(sub, sub_env)
-                if not scan and len(sub.outvars) == len(eqn.outvars):  # passed-through leaves
+                if scan:
+                    out.scans[pos] = (pos + 1, next(counter))
+                elif len(sub.outvars) == len(eqn.outvars):  # passed-through leaves
                     for o, so in zip(eqn.outvars, sub.outvars):
                         if isinstance(so, jex.core.Var) and so in sub_env:
                             env[o] = sub_env[so]
                 continue
-            for i in ins:
-                if i is not None and first[i] is None:
-                    first[i] = pos
+            for x in ins:
+                if x is not None and out.first[x[0]] is None:
+                    out.first[x[0]] = pos
 
-    walk(closed.jaxpr, dict(zip(closed.jaxpr.invars, range(len(leaves)))))
-    return first, stacked
+    env = {
+        v: (i, tuple(range(np.ndim(x))), 0)
+        for i, (v, x) in enumerate(zip(closed.jaxpr.invars, leaves))
+    }
+    walk(closed.jaxpr, env)
+    return out
 
 
 def _array_leaves(out: Any) -> list:
@@ -125,42 +177,27 @@ def _array_leaves(out: Any) -> list:
 
 @dataclasses.dataclass
 class Trace:
-    """Per param leaf: its names, owning module path, first read and whether it is stacked."""
+    """Per param leaf: its names, owning module path, first read and the scan stacking it."""
 
     names: list[tuple[Hashable, ...]]
     owners: list[tuple[Hashable, ...]]
     first: list[int | None]
-    stacked: list[bool]
+    stacks: list[Stack | None]
+    nested: list[bool]
+    scans: dict[int, tuple[int, int]]
     module_types: dict[tuple[Hashable, ...], type]
     is_module: Callable[[tuple[Hashable, ...]], bool]
-
-
-def _stack_error(names: tuple[Hashable, ...], how: str = "") -> ValueError:
-    return ValueError(
-        f"depth_labels: the param at {joined(names)!r} is stacked on a leading layer axis{how} "
-        "(nn.scan, nn.vmap, nnx.scan or nnx.vmap): each slice is a layer with its own depth, "
-        "which depth_labels does not support; label this model with rule_labels or pass a "
-        "label tree by hand"
-    )
 
 
 def trace_linen(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwargs: dict) -> Trace:
     """Traces ``model.apply(variables, *args, **kwargs)`` for the leaves of ``params``."""
     types: dict[tuple[str, ...], type] = {}
-    inner_shapes: dict[tuple[str, ...], tuple] = {}
 
     def interceptor(next_fun, iargs, ikwargs, context):
-        mod = context.module
-        path = tuple(mod.path)
+        path = tuple(context.module.path)
         if context.method_name == "__call__" and path not in types:
-            types[path] = type(mod)
-        out = next_fun(*iargs, **ikwargs)
-        if mod.scope is not None:
-            own = mod.variables.get("params", {})
-            for k, v in own.items():
-                if not isinstance(v, Mapping):
-                    inner_shapes.setdefault((*path, k), tuple(np.shape(v)))
-        return out
+            types[path] = type(context.module)
+        return next_fun(*iargs, **ikwargs)
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(dict(variables))
     names = [key_parts(p) for p, _ in flat]
@@ -171,15 +208,10 @@ def trace_linen(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwa
                 model.apply(treedef.unflatten(leaves), *args, mutable=True, **kwargs)
             )
 
-    first_all, stacked_all = first_reads(run, [x for _, x in flat])
+    reads = first_reads(run, [x for _, x in flat])
     keep = [i for i, n in enumerate(names) if n[0] == "params"]
     param_names = [names[i][1:] for i in keep]
-    for n, i in zip(param_names, keep):
-        seen = inner_shapes.get(n)
-        if seen is not None and len(seen) < np.ndim(flat[i][1]):
-            raise _stack_error(
-                n, f": it has shape {np.shape(flat[i][1])} but its module sees {seen}"
-            )
+    for n in param_names:
         if n[:-1] not in types:
             raise ValueError(
                 f"depth_labels: the param at {joined(n)!r} belongs to no module called in the "
@@ -188,8 +220,10 @@ def trace_linen(model: nn.Module, variables: Mapping[str, Any], args: tuple, kwa
     return Trace(
         names=param_names,
         owners=[n[:-1] for n in param_names],
-        first=[first_all[i] for i in keep],
-        stacked=[stacked_all[i] for i in keep],
+        first=[reads.first[i] for i in keep],
+        stacks=[reads.stacks[i] for i in keep],
+        nested=[reads.nested[i] for i in keep],
+        scans=reads.scans,
         module_types=types,
         is_module=lambda _: True,  # every Linen path prefix is a module scope
     )
@@ -206,7 +240,7 @@ def trace_nnx(model: nnx.Module, args: tuple, kwargs: dict) -> Trace:
         copy = nnx.merge(graphdef, treedef.unflatten(leaves[:n]), rest_def.unflatten(leaves[n:]))
         return _array_leaves(copy(*args, **kwargs))
 
-    first, stacked = first_reads(run, [x for _, x in flat] + rest_leaves)
+    reads = first_reads(run, [x for _, x in flat] + rest_leaves)
     # nnx.List and nnx.Dict hold modules as a Python list or dict would: no module level
     modules = {
         tuple(p): type(m)
@@ -220,11 +254,26 @@ def trace_nnx(model: nnx.Module, args: tuple, kwargs: dict) -> Trace:
         while owner and owner not in modules:
             owner = owner[:-1]
         owners.append(owner)
-    return Trace(names, owners, first[:n], stacked[:n], modules, modules.__contains__)
+    return Trace(
+        names, owners, reads.first[:n], reads.stacks[:n], reads.nested[:n], reads.scans,
+        modules, modules.__contains__,
+    )  # fmt: skip
 
 
-def assign_depths(trace: Trace, unit_level: int | None, merge_norm: bool) -> dict[str, int]:
-    """Depth unit of each param leaf, ``{path: depth}``, from a :class:`Trace`.
+#: A depth label: an int, or ``(one depth per slice, stacked axis)`` for a scanned stack's leaf.
+Depth = int | tuple[tuple[int, ...], int]
+
+
+def _stacked_twice(names: tuple[Hashable, ...]) -> ValueError:
+    return ValueError(
+        f"depth_labels: the param at {joined(names)!r} is stacked twice (a scan over the slices "
+        "of a scanned stack): per-slice depth covers one level of stacking; label this model "
+        "with rule_labels or pass a label tree by hand"
+    )
+
+
+def assign_depths(trace: Trace, unit_level: int | None, merge_norm: bool) -> dict[str, Depth]:
+    """Depth of each param leaf, ``{path: depth}``, from a :class:`Trace`.
 
     A leaf's unit is the module at ``unit_level`` (counting modules from the root) that owns
     it, or its owning module when ``unit_level`` is None. Units are numbered in the order
@@ -232,10 +281,18 @@ def assign_depths(trace: Trace, unit_level: int | None, merge_norm: bool) -> dic
     root's ``pos_embed``, or a block's own scale when ``unit_level`` is None) are placed by
     their first read: those read between the same two units form one unit there. With
     ``merge_norm`` a normalization layer that is its own unit joins the unit before it.
+
+    Scanned stacks: a unit all of whose params one ``scan`` slices (``nn.scan``, ``nnx.scan``,
+    ``lax.scan`` over stacked layers) is one unit per slice. The units first read in the
+    scan's body repeat in the order the scan runs its slices (``a0 b0 a1 b1 ...``; a reversed
+    scan runs the last slice first); a unit read there that the scan does not slice (a shared
+    layer, or a unit that holds more than the stack) keeps one depth, in the first slice. A
+    stacked leaf's depth is ``(depths, axis)``: one depth per slice along its stacked axis
+    (an int when all slices share one depth, as the slices of an ``nn.vmap`` do).
     """
-    for nm, st in zip(trace.names, trace.stacked):
-        if st:
-            raise _stack_error(nm)
+    for nm, nested in zip(trace.names, trace.nested):
+        if nested:
+            raise _stacked_twice(nm)
     owners = trace.owners
     owner_set = set(owners)
     unit: list[tuple] = []
@@ -250,28 +307,91 @@ def assign_depths(trace: Trace, unit_level: int | None, merge_norm: bool) -> dic
             container.append(len(chain) < unit_level)
     keys: list[tuple | None] = [None] * len(owners)
     seq: list[tuple] = []
+    key_pos: dict[tuple, int] = {}
+    members: dict[tuple, list[int]] = {}
     units_seen = 0
-    for _, i in sorted((f, i) for i, f in enumerate(trace.first) if f is not None):
+    for f, i in sorted((f, i) for i, f in enumerate(trace.first) if f is not None):
         key = ("own", unit[i], units_seen) if container[i] else ("unit", unit[i])
-        if key not in seq:
+        if key not in key_pos:
             seq.append(key)
+            key_pos[key] = f
             units_seen += not container[i]
         keys[i] = key
+        members.setdefault(key, []).append(i)
     for i, f in enumerate(trace.first):
         if f is None:
             keys[i] = ("unit", unit[i])
-            if container[i] or keys[i] not in seq:
+            if container[i] or keys[i] not in key_pos:
                 raise ValueError(
                     f"depth_labels: the param at {joined(trace.names[i])!r} is never read in "
                     "the forward pass; pass inputs and kwargs that use every layer"
                 )
+    stack_of = _stack_keys(trace, members)
+    expanded = _expand(seq, key_pos, stack_of, trace)
     target: dict[tuple, int] = {}
     count = 0
-    for j, key in enumerate(seq):
+    for j, vu in enumerate(expanded):
+        key = vu[0]
         kind = trace.module_types.get(key[1]) if key[0] == "unit" else None
         if merge_norm and j > 0 and kind is not None and issubclass(kind, NORM_TYPES):
-            target[key] = target[seq[j - 1]]
+            target[vu] = target[expanded[j - 1]]
         else:
-            target[key] = count
+            target[vu] = count
             count += 1
-    return {joined(nm): target[k] for nm, k in zip(trace.names, keys)}
+    out: dict[str, Depth] = {}
+    for i, (nm, key) in enumerate(zip(trace.names, keys)):
+        st = trace.stacks[i]
+        if key not in stack_of:
+            out[joined(nm)] = target[(key, None)]
+        elif st is None or st.scan != stack_of[key].scan:
+            out[joined(nm)] = target[(key, 0)]
+        else:
+            depths = tuple(target[(key, s)] for s in range(st.length))
+            out[joined(nm)] = depths[0] if len(set(depths)) == 1 else (depths, st.axis)
+    return out
+
+
+def _stack_keys(trace: Trace, members: dict[tuple, list[int]]) -> dict[tuple, Stack]:
+    """The units one scan slices whole, each with the :class:`Stack` of that scan."""
+    out = {}
+    for key, idx in members.items():
+        stacks = {trace.stacks[i] and dataclasses.replace(trace.stacks[i], axis=0) for i in idx}
+        if len(stacks) != 1 or None in stacks:
+            continue
+        st = stacks.pop()
+        lo, hi = trace.scans[st.scan]
+        if all(lo <= trace.first[i] < hi for i in idx):
+            out[key] = st
+    return out
+
+
+def _expand(
+    seq: list[tuple], key_pos: dict[tuple, int], stack_of: dict[tuple, Stack], trace: Trace
+) -> list[tuple[tuple, int | None]]:
+    """Units in forward order, a scanned unit once per slice: ``(key, slice or None)``."""
+    stacking = {st.scan: st for st in stack_of.values()}
+    out: list[tuple[tuple, int | None]] = []
+    j = 0
+    while j < len(seq):
+        st = next(
+            (s for s in stacking.values()
+             if trace.scans[s.scan][0] <= key_pos[seq[j]] < trace.scans[s.scan][1]),
+            None,
+        )  # fmt: skip
+        if st is None:
+            out.append((seq[j], None))
+            j += 1
+            continue
+        lo, hi = trace.scans[st.scan]
+        run = []
+        while j < len(seq) and lo <= key_pos[seq[j]] < hi:
+            run.append(seq[j])
+            j += 1
+        for t in range(st.length):
+            sl = st.length - 1 - t if st.reverse else t
+            for key in run:
+                if key in stack_of and stack_of[key].scan == st.scan:
+                    out.append((key, sl))
+                elif t == 0:
+                    out.append((key, None))
+    return out

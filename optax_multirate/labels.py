@@ -12,6 +12,8 @@ and never traced.
 * :func:`random_labels` draws a seeded random subset of leaves.
 * :func:`check_labels` validates a label tree against params (used by every method at
   ``init``).
+* :class:`StackedDepth`, the depth label of a scanned stack's leaf (one depth per slice),
+  is read by :func:`~optax_multirate.scale_by_lerac` and refused by partitioning methods.
 
 Paths are written ``"Conv_0/kernel"``: the dict keys from the root of the tree given, joined
 with ``/``.
@@ -34,6 +36,7 @@ method of this library. A helper refuses Variables that hold no trainable parame
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
@@ -47,6 +50,7 @@ from flax import nnx
 from optax_multirate import _checks, _forward
 
 __all__ = [
+    "StackedDepth",
     "path_str",
     "leaf_paths",
     "check_labels",
@@ -56,6 +60,40 @@ __all__ = [
     "random_labels",
     "resolve_labels",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedDepth:
+    """The depth label of a leaf that stacks layers on one axis: one depth per slice.
+
+    A scanned stack (``nn.scan``, ``nnx.scan``, ``lax.scan`` over layers) keeps its layers in
+    each leaf, stacked on one axis; :func:`depth_labels` labels such a leaf with a
+    ``StackedDepth`` and :func:`~optax_multirate.scale_by_lerac` gives each slice its depth's
+    rate. ``optax.partition`` cannot split a leaf, so every method that partitions by label
+    (``multirate``, ``wus``, ``freeze_schedule``, ...) refuses it, naming the leaf.
+
+    Attributes:
+      depths: the depth of each slice, in slice order (ints >= 0).
+      axis: the stacked axis of the leaf (>= 0).
+
+    Raises:
+      TypeError: for depths that are not a sequence of ints, or an axis that is not an int.
+      ValueError: for no depth, a negative depth or a negative axis.
+
+    Examples:
+      >>> StackedDepth((1, 2, 3))
+      StackedDepth(depths=(1, 2, 3), axis=0)
+      >>> len({StackedDepth((1, 2)), StackedDepth([1, 2])})   # hashable, compared by value
+      1
+    """
+
+    depths: tuple[int, ...]
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        depths = _checks.check_int_sequence("depths", self.depths, low=0, min_len=1)
+        object.__setattr__(self, "depths", depths)
+        object.__setattr__(self, "axis", _checks.check_int("axis", self.axis, low=0))
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -92,6 +130,7 @@ def check_labels(
     allowed: Iterable[Hashable] | None = None,
     name: str = "labels",
     require: Iterable[Hashable] = (),
+    allow_stacked: bool = False,
 ) -> dict[str, Hashable]:
     """Checks that a label tree matches ``params`` and returns ``{path: label}``.
 
@@ -106,13 +145,16 @@ def check_labels(
       allowed: if given, the labels that may appear.
       name: the argument's name, used in error messages.
       require: labels that must label at least one leaf of ``params``.
+      allow_stacked: accept :class:`StackedDepth` labels (one depth per slice of a leaf);
+        only a transformation that reads each slice's label may (LeRaC's per-layer scaling).
 
     Returns:
       A dict from the path of each leaf of ``params`` to its label.
 
     Raises:
       ValueError: naming the path, if a leaf of ``params`` has no label, a label is not
-        allowed or not hashable, or a required label labels nothing.
+        allowed or not hashable, a required label labels nothing, or a label is a
+        :class:`StackedDepth` and ``allow_stacked`` is False.
     """
     if callable(labels):
         labels = labels(params)
@@ -131,6 +173,13 @@ def check_labels(
                 f"(labelled paths include {sorted(by_path)[:5]!r})"
             )
         lab = by_path[path]
+        if isinstance(lab, StackedDepth) and not allow_stacked:
+            raise ValueError(
+                f"{name}: the label at {path!r} is {lab!r}, one depth per slice of a stacked "
+                "leaf (a scanned stack's layers); optax.partition cannot split a leaf, so a "
+                "method that partitions by label takes one label per leaf: label the stack "
+                "with one value (rule_labels), or use scale_by_lerac, which reads each slice"
+            )
         try:
             hash(lab)
         except TypeError as e:
@@ -220,7 +269,11 @@ def depth_labels(
       its own unit joins the unit read just before it (the layer it normalizes), so
       ``stem`` + ``stem_bn`` is depth 0;
     * embeddings come first if read first; the head is the last unit read;
-    * a module called twice (shared or tied params) keeps the depth of its first call.
+    * a module called twice (shared or tied params) keeps the depth of its first call;
+    * a unit that a scan slices whole (``nn.scan``, ``nnx.scan``, ``lax.scan`` over stacked
+      layers) is one unit per slice, in run order (``attn_0 mlp_0 attn_1 ...``), its leaves
+      labelled :class:`StackedDepth`; a unit holding more than the stack stays one depth (pick
+      the ``unit_level`` of the stack); ``nn.vmap``/``nnx.vmap`` slices share one depth.
 
     Args:
       model: a Flax Linen module, or a Flax NNX module (its state is not changed).
@@ -235,15 +288,16 @@ def depth_labels(
       **kwargs: keyword arguments of the forward pass (e.g. ``train=False``).
 
     Returns:
-      A tree holding ints ``0..n-1`` with the structure of ``variables["params"]`` (Linen) or
-      of the given state, each NNX Variable replaced by its depth (see the module docstring).
+      A tree with the structure of ``variables["params"]`` (Linen) or of the given state,
+      each NNX Variable replaced by its depth (see the module docstring): ints ``0..n-1``, and
+      a :class:`StackedDepth` at each leaf of a scanned stack. Only LeRaC reads a
+      ``StackedDepth``; every partitioning method refuses it.
 
     Raises:
       TypeError: if ``model`` is not a Flax module, ``unit_level`` not an int or None.
-      ValueError: if ``unit_level < 1``, a param is never read in the forward pass, layers
-        are stacked on a leading axis by ``nn.scan``/``nn.vmap``/``nnx.scan``/``nnx.vmap``
-        (per-slice depth is not supported), or the NNX state holds a path that is no
-        ``nnx.Param`` of the model.
+      ValueError: if ``unit_level < 1``, a param is never read in the forward pass, a stack
+        is scanned twice (a scan over the slices of a stacked leaf), or the NNX state holds a
+        path that is no ``nnx.Param`` of the model.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -286,13 +340,14 @@ def depth_labels(
         )
     depth = _forward.assign_depths(trace, unit_level, merge_norm)
 
-    def lookup(path: str, _: Any) -> int:
+    def lookup(path: str, _: Any) -> int | StackedDepth:
         if path not in depth:
             raise ValueError(
                 f"depth_labels: the state holds {path!r}, which is no nnx.Param of the model "
                 f"(its params include {sorted(depth)[:5]!r})"
             )
-        return depth[path]
+        d = depth[path]
+        return d if isinstance(d, int) else StackedDepth(*d)
 
     return _label_tree(variables, lookup)
 

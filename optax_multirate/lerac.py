@@ -17,7 +17,9 @@ with ``u = count // steps_per_tick``. :func:`scale_by_lerac` multiplies each lea
 that it scales the final step, as PyTorch's per-group ``lr`` does (placed before Adam, the
 normalisation cancels it). :func:`lerac` builds that chain, :func:`lerac_schedules` offers the
 same curriculum as one optax schedule per depth, and :func:`lerac_depth_labels` builds the depth
-units (stem + its norm, one per residual block, the head) from a Flax model.
+units (stem + its norm, one per residual block, the head) from a Flax model. The layers of a
+scanned stack (``nn.scan``, ``nnx.scan``) share their leaves; their depth label is a
+:class:`~optax_multirate.labels.StackedDepth`, and each slice moves at its own depth's rate.
 
 References:
   Croitoru, Ristea, Ionescu, Sebe, `Learning Rate Curriculum
@@ -207,20 +209,52 @@ def _check_staircase_k(mode: str, k: int | None, r: np.ndarray | None, c: Any) -
         )
 
 
-def _depth_table(param_labels: Any, params: Any, name: str = "param_labels") -> dict[str, int]:
-    """``{path: depth}`` for the leaves of ``params``; checks labels are ints >= 0."""
-    by_path = labels_lib.check_labels(param_labels, params, name=name)
-    return {
-        p: _checks.check_int(f"{name}: the label at {p!r}", lab, low=0)
-        for p, lab in by_path.items()
-    }
+def _depth_table(
+    param_labels: Any, params: Any, name: str = "param_labels"
+) -> dict[str, int | labels_lib.StackedDepth]:
+    """``{path: depth}`` for the leaves of ``params``; checks labels are ints >= 0.
+
+    A leaf of a scanned stack may carry a :class:`~optax_multirate.labels.StackedDepth`
+    (one depth per slice), whose length must be the leaf's size along its stacked axis.
+    """
+    by_path = labels_lib.check_labels(param_labels, params, name=name, allow_stacked=True)
+    shapes = dict(zip(labels_lib.leaf_paths(params), map(np.shape, jax.tree.leaves(params))))
+    out: dict[str, int | labels_lib.StackedDepth] = {}
+    for p, lab in by_path.items():
+        if isinstance(lab, labels_lib.StackedDepth):
+            shape = shapes[p]
+            if lab.axis >= len(shape) or shape[lab.axis] != len(lab.depths):
+                raise ValueError(
+                    f"{name}: the label at {p!r} names {len(lab.depths)} slices on axis "
+                    f"{lab.axis}, but the leaf has shape {shape}"
+                )
+            out[p] = lab
+        else:
+            out[p] = _checks.check_int(f"{name}: the label at {p!r}", lab, low=0)
+    return out
+
+
+def _depths(label: Any) -> tuple[int, ...]:
+    """The depths a label names: one for an int, one per slice for a ``StackedDepth``."""
+    if isinstance(label, labels_lib.StackedDepth):
+        return label.depths
+    return (int(label),) if _checks.is_int(label) else ()
 
 
 def _all_labels(param_labels: Any, params: Any) -> set[int]:
     """Every depth in the label tree (holes of ``optax.partition`` included)."""
     tree = param_labels(params) if callable(param_labels) else param_labels
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return {int(x) for x in leaves if _checks.is_int(x)}
+    return {d for x in leaves for d in _depths(x)}
+
+
+def _scaled(x: jax.Array, m: jax.Array, label: int | labels_lib.StackedDepth) -> jax.Array:
+    """``x`` times its depth's multiplier; a stacked leaf's slices each by their own."""
+    if isinstance(label, int):
+        return x * m[label].astype(x.dtype)
+    shape = [1] * x.ndim
+    shape[label.axis] = len(label.depths)
+    return x * m[np.asarray(label.depths)].astype(x.dtype).reshape(shape)
 
 
 # --------------------------------------------------------------------------- public API
@@ -268,9 +302,12 @@ def scale_by_lerac(
 
     Args:
       param_labels: a tree shaped like the params with an int depth ``0..n-1`` at each leaf
-        (e.g. from :func:`lerac_depth_labels`), or a callable ``params -> tree``. Every depth
-        must label some leaf; a shared leaf takes the depth of its first use. (Its former
-        name ``depth_labels=`` still works for one release, with a ``DeprecationWarning``.)
+        (e.g. from :func:`lerac_depth_labels`), or a callable ``params -> tree``. A leaf of a
+        scanned stack may carry a :class:`~optax_multirate.labels.StackedDepth` (one depth
+        per slice along its stacked axis): each slice then moves at its own depth's rate.
+        Every depth must label some leaf (or slice); a shared leaf takes the depth of its
+        first use. (Its former name ``depth_labels=`` still works for one release, with a
+        ``DeprecationWarning``.)
       k: ticks until every unit reaches the base rate; required in paper mode (0: no
         curriculum), optional in staircase mode (derived; an explicit ``k`` must be at least
         the derived one). Static.
@@ -297,7 +334,8 @@ def scale_by_lerac(
         ``c``, a scale outside (0, 1] or not finite, increasing ``initial_scales``, ``decay``
         or ``min_scale`` outside (0, 1], an unknown mode, a staircase ``k`` too small; at
         ``init``: unlabelled leaves, negative labels or labels not in ``0..n-1``, an unused
-        depth, or ``len(initial_scales) != n``.
+        depth, ``len(initial_scales) != n``, or a ``StackedDepth`` whose number of slices is
+        not the leaf's size along its axis.
 
     Examples:
       The worked example of the spec (4 units, base rate 0.1, ``k = 5``):
@@ -335,15 +373,15 @@ def scale_by_lerac(
     )
     # Label resolution depends only on the tree's structure and shapes: memoised so that an
     # eager (unjitted) loop does not re-check the labels every step.
-    resolved: dict[Any, tuple[int, ...]] = {}
+    resolved: dict[Any, tuple[int | labels_lib.StackedDepth, ...]] = {}
 
-    def leaf_depths(tree: Any, n: int) -> tuple[int, ...]:
+    def leaf_depths(tree: Any, n: int) -> tuple[int | labels_lib.StackedDepth, ...]:
         leaves, treedef = jax.tree.flatten(tree)
         key = (treedef, tuple(np.shape(x) for x in leaves))
         if key not in resolved:
             table = _depth_table(param_labels, tree)
             depths = tuple(table[p] for p in labels_lib.leaf_paths(tree))
-            bad = [d for d in depths if d >= n]
+            bad = [d for lab in depths for d in _depths(lab) if d >= n]
             if bad:
                 raise ValueError(f"param_labels: depth {bad[0]} is outside 0..{n - 1}")
             resolved[key] = depths
@@ -354,7 +392,7 @@ def scale_by_lerac(
 
     def init_fn(params: optax.Params) -> LeracState:
         table = _depth_table(param_labels, params)
-        used = _all_labels(param_labels, params) | set(table.values())
+        used = _all_labels(param_labels, params) | {d for x in table.values() for d in _depths(x)}
         n_used = max(used, default=-1) + 1
         if initial_scales is not None and len(initial_scales) > n_used:
             raise ValueError(
@@ -399,7 +437,7 @@ def scale_by_lerac(
             depths = leaf_depths(updates, n)
             leaves, treedef = jax.tree.flatten(updates)
             updates = jax.tree.unflatten(
-                treedef, [x * m[d].astype(x.dtype) for x, d in zip(leaves, depths)]
+                treedef, [_scaled(x, m, d) for x, d in zip(leaves, depths)]
             )
         return updates, LeracState(count=optax.safe_increment(state.count), scales=m)
 

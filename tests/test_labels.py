@@ -94,10 +94,32 @@ class Scanned(nn.Module):
         return nn.Dense(2, name="head")(x)
 
 
-def test_depth_scan_stacked_layers_clear_error():
+def test_depth_scan_stack_one_depth_per_slice():
     m = Scanned()
     v, x = _init(m, (1, 3))
-    with pytest.raises(ValueError, match="nn.scan"):
+    d = L.depth_labels(m, v, x)
+    assert d["layers"]["Dense_0"]["kernel"] == L.StackedDepth((0, 1, 2, 3), axis=0)
+    assert d["head"]["bias"] == 4
+    with pytest.raises(ValueError, match="'layers/Dense_0/bias' is StackedDepth"):
+        L.check_labels(d, v["params"])  # one label per leaf for every partitioning method
+    assert L.check_labels(d, v["params"], allow_stacked=True)["head/kernel"] == 4
+
+
+class ScannedTwice(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        w = self.param("w", nn.initializers.normal(), (2, 3, 3, 3))
+
+        def outer(h, ws):
+            return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), h, ws)[0], None
+
+        return jax.lax.scan(outer, x, w)[0]
+
+
+def test_depth_scan_of_a_stack_clear_error():
+    m = ScannedTwice()
+    v, x = _init(m, (1, 3))
+    with pytest.raises(ValueError, match="'w' is stacked twice"):
         L.depth_labels(m, v, x)
 
 

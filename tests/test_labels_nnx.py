@@ -315,9 +315,9 @@ def test_depth_nnx_errors():
             x, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, self.layers[...])
             return self.head(x)
 
-    m = Stacked(nnx.Rngs(0))
-    with pytest.raises(ValueError, match="'layers' is stacked on a leading layer axis"):
-        L.depth_labels(m, nnx.state(m, nnx.Param), jnp.zeros((1, 2)))
+    m = Stacked(nnx.Rngs(0))  # a root's own stacked param, scanned: one depth per slice
+    d = L.depth_labels(m, nnx.state(m, nnx.Param), jnp.zeros((1, 2)))
+    assert d["layers"] == L.StackedDepth((0, 1, 2)) and d["head"]["kernel"] == 3
     lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="'w/bias', which is no nnx.Param of the model"):
         L.depth_labels(lin, {"w": nnx.state(lin, nnx.Param)}, jnp.zeros((1, 2)))
