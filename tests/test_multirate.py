@@ -512,17 +512,3 @@ def test_transfer_benchmark_quick(tmp_path):
     ):
         assert key in summary
 
-
-def test_scratch_benchmark_quick(tmp_path):
-    from benchmarks.multirate_scratch import main
-
-    main(["--quick", "--out-dir", str(tmp_path)])
-    summary = json.loads((tmp_path / "multirate_scratch.quick.json").read_text())["summary"]
-    for key in (
-        "subgroups_test_loss_delta",
-        "subgroups_accuracy_delta_pt",
-        "subgroups_accuracy_delta_pt_std",
-        "timescales_clean_accuracy_delta_pt",
-        "timescales_patch_accuracy_delta_pt",
-    ):
-        assert key in summary
