@@ -236,8 +236,9 @@ def _run_arm(
         return {
             "failed": False,
             "error": None,
-            "diverged": protocol.is_diverged([row["train_loss"] for row in res.history],
-                                             num_classes),  # fmt: skip
+            "diverged": protocol.is_diverged(
+                [row["train_loss"] for row in res.history], num_classes
+            ),
             "final_accuracy": res.final_accuracy,
             "train_time_s": res.train_time_s,
             "compile_time_s": res.compile_time_s,

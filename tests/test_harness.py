@@ -211,9 +211,7 @@ def test_failing_run_leaves_results_untouched(tmp_path):
 
 
 def test_baseline_quick(tmp_path):
-    from benchmarks.baseline import main
-
-    from benchmarks.baseline import QUICK_GRID
+    from benchmarks.baseline import QUICK_GRID, main
 
     main(["--quick", "--out-dir", str(tmp_path)])
     record = json.loads((tmp_path / "baseline.quick.json").read_text())
