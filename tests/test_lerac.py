@@ -542,21 +542,3 @@ def test_resume_from_checkpoint_bitwise(tmp_path):
     assert isinstance(restored[1][1], LeracState) and int(restored[1][1].count) == 3
     got = _run_steps(step, *restored, batch, 5, start=3)
     jax.tree.map(np.testing.assert_array_equal, got, ref)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def test_benchmark_quick(tmp_path):
-    import json
-
-    from benchmarks.lerac import main
-
-    main(["--quick", "--out-dir", str(tmp_path)])
-    record = json.loads((tmp_path / "lerac.quick.json").read_text())
-    summary = record["summary"]
-    for p in ("digits", "mnist", "mnist1d"):
-        for key in ("accuracy_delta_pt", "accuracy_delta_ci_low_pt", "accuracy_delta_ci_high_pt"):
-            assert f"{p}_{key}" in summary
-    assert summary["step_time_ratio"] > 0
-    assert (tmp_path / "lerac.quick.png").exists() and not (tmp_path / "lerac.json").exists()

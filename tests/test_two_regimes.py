@@ -1,6 +1,5 @@
 """Tests for two_regimes: the step/plateau/signal triggers, the latch, re-init, resume, errors."""
 
-import json
 import math
 
 import jax
@@ -535,24 +534,3 @@ def test_phase_of_errors_and_nesting():
     both = optax.chain(tx, tx).init(PARAMS)
     with pytest.raises(ValueError, match="exactly one"):
         phase_of(both)
-
-
-# ------------------------------------------------------------------------------ benchmark
-
-
-def test_benchmark_quick_mode_writes_summary(tmp_path):
-    from benchmarks.two_regimes import main
-
-    main(["--quick", "--out-dir", str(tmp_path)])
-    files = list(tmp_path.glob("two_regimes*.json"))
-    assert files, list(tmp_path.iterdir())
-    summary = json.loads(files[0].read_text())["summary"]
-    for prefix in ("mnist1d_", "mnist_", "digits_"):
-        for key in (
-            "accuracy_delta_vs_best_schedule_pt",
-            "configs_tried",
-            "best_schedule_configs_tried",
-            "small_only_accuracy_delta_pt",
-            "large_only_accuracy_delta_pt",
-        ):
-            assert prefix + key in summary
