@@ -403,10 +403,10 @@ def run_arm(
         flops_batch=flops_batch,
     )  # fmt: skip
     model = stages.models[0]
+    # the clock first: its start precedes every compile (stages may compile as they open)
+    callbacks = [_CompileClock(stages), Evaluate(evals, every_epochs=every_epochs), stages]
     res = fit(model, tx, setup.train, epochs=setup.plan.epochs, seed=seed, batch_size=BATCH_SIZE,
-              step=stages.step_for(model, tx),
-              callbacks=[Evaluate(evals, every_epochs=every_epochs), stages,
-                         _CompileClock(stages)])  # fmt: skip
+              step=stages.step_for(model, tx), callbacks=callbacks)  # fmt: skip
     return {
         "final_accuracy": res.final_accuracy,
         "train_time_s": res.train_time_s,

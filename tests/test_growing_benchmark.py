@@ -53,8 +53,9 @@ def test_a_run_with_fresh_steps_compiles_and_counts_every_stage():
     config = {"learning_rate": 0.1}
     tx, cache = setup.optimizer("grown", config, schedule, shared=False)
     assert cache is None
-    r = bench.run_arm(setup, "grown", tx, 0, {"val": setup.val}, schedule)
+    r = bench.run_arm(setup, "grown", tx, 0, {"val": setup.val}, schedule, measure_flops=True)
     assert r["num_compiles"] == [1, 1] and r["steps_per_stage"] == [setup.spe, 2 * setup.spe]
+    assert len(r["flops_per_step"]) == 2 and 0 < r["flops_per_step"][0] < r["flops_per_step"][1]
     clock = [row["compile_time_s"] for row in r["history"]]
     assert 0 < clock[0] < clock[1] == clock[2] == pytest.approx(r["compile_time_s"])
     assert r["growths"][0]["max_logit_change"] < 1e-4  # the growth preserves the function
