@@ -1,6 +1,8 @@
 """Checkpoints with orbax: any pytree, its leaves named by path, restored into a target.
 
-Only array leaves are stored, with their paths, shapes and dtypes; static fields (such as a
+Only array leaves are stored, with their paths, shapes and dtypes (a typed PRNG key array,
+such as an NNX module's RNG stream key, as its key data, and made a key of the target's
+implementation again on restore); static fields (such as a
 :class:`~optax_multirate.PhaseTag`'s masks) come back from the restore target, and a
 checkpoint of another tree is refused with a message that names the mismatched paths. Orbax
 writes each checkpoint to a temporary directory and renames it when complete, so a run that
@@ -28,7 +30,7 @@ def _leaf_meta(tree: Any) -> tuple[list[Any], list[dict[str, Any]]]:
     leaves, meta = [], []
     for path, leaf in flat:
         arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
-        leaves.append(arr)
+        leaves.append(jax.random.key_data(arr) if _is_key(arr) else arr)
         meta.append(
             {
                 "path": labels_lib.path_str(path),
@@ -37,6 +39,20 @@ def _leaf_meta(tree: Any) -> tuple[list[Any], list[dict[str, Any]]]:
             }
         )
     return leaves, meta
+
+
+def _is_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (stored as its key data)."""
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _template(x: Any) -> jax.ShapeDtypeStruct:
+    """What orbax restores a target leaf into (a key's key data for a key)."""
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    if not isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 def _leaf_key(i: int) -> str:
@@ -97,14 +113,14 @@ def _restore(path: pathlib.Path, target: Any, restore_fn) -> tuple[Any, dict[str
     body = restore_fn(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     _check_compatible(body["leaves"], target, str(path))
     leaves, treedef = jax.tree.flatten(target)
-    template = {
-        _leaf_key(i): jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-        if not isinstance(x, jax.Array)
-        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        for i, x in enumerate(leaves)
-    }
+    template = {_leaf_key(i): _template(x) for i, x in enumerate(leaves)}
     state = restore_fn(ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
-    restored = [state[_leaf_key(i)] for i in range(len(leaves))]
+    restored = [
+        jax.random.wrap_key_data(state[_leaf_key(i)], impl=jax.random.key_impl(x))
+        if _is_key(x)
+        else state[_leaf_key(i)]
+        for i, x in enumerate(leaves)
+    ]
     return jax.tree.unflatten(treedef, restored), body.get("info", {})
 
 

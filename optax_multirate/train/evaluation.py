@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from optax_multirate import _checks
 from optax_multirate.data.arrays import Split
@@ -18,11 +19,11 @@ from optax_multirate.train import model as model_lib
 __all__ = ["evaluate"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss", "call"))
-def _metric_sums(model, params, model_state, batch, weight, *, loss, call):
+@functools.partial(jax.jit, static_argnames=("runner", "loss"))
+def _metric_sums(runner, params, model_state, batch, weight, *, loss):
     """``{metric: sum over examples of weight * per-example metric}`` of one batch."""
     x = model_lib.batch_inputs(batch)
-    outputs, _ = model_lib.apply_model(model, params, model_state, x, train=False, call=call)
+    outputs, _ = runner.apply(params, model_state, x, train=False)
 
     def one(out, example):  # each example as a batch of one: the metric of that example
         add_axis = functools.partial(jax.tree.map, lambda a: a[None])
@@ -53,7 +54,7 @@ def _iterable_batches(data: Iterable[Any]):
 
 @_checks.renamed_args(split="data")
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     params: Any,
     model_state: Any,
     data: Split | Iterable[Any],
@@ -71,24 +72,26 @@ def evaluate(
     serves every split of that size class; an iterable of batches is taken as it comes.
 
     Args:
-      model: a Flax linen module.
+      model: a Flax Linen or NNX module (NNX: run from ``params`` and ``model_state``, its
+        own values unused and unchanged).
       params: its params.
-      model_state: its other collections (batch statistics), as from
-        :func:`~optax_multirate.train.init_model`.
+      model_state: its other collections (batch statistics; NNX: the rest of its split), as
+        from :func:`~optax_multirate.train.init_model`.
       data: a :class:`~optax_multirate.data.Split`, or an iterable of batches (mappings with
         ``"x"``/``"y"`` or ``"image"``/``"label"``, or ``(x, y)`` tuples).
       batch_size: examples per evaluation batch of a Split (capped at its length).
       loss: ``loss(outputs, batch) -> scalar`` or ``-> (scalar, metrics)``; None: softmax
         cross-entropy and accuracy.
-      call: how the model is told eval mode (``"train"``: ``train=False``; see
-        :func:`~optax_multirate.train.make_train_step`).
+      call: how the model is told eval mode (``"train"``: ``train=False``, or an NNX
+        module's ``.eval()`` mode; see :func:`~optax_multirate.train.make_train_step`).
 
     Returns:
       ``{metric: float}``, e.g. ``{"loss": ..., "accuracy": ...}``.
 
     Raises:
       ValueError: for empty ``data`` or ``batch_size < 1``.
-      TypeError: for a non-integer ``batch_size``, a bad ``loss`` or ``call``.
+      TypeError: for a non-integer ``batch_size``, a bad ``loss`` or ``call``, or a model
+        that is no Flax module.
 
     Examples:
       >>> import numpy as np
@@ -102,7 +105,7 @@ def evaluate(
       ['accuracy', 'loss'] 1.0986 1.0
     """
     batch_size = _checks.check_int("batch_size", batch_size, low=1)
-    loss, call = model_lib.check_loss(loss), model_lib.check_call(call)
+    loss, runner = model_lib.check_loss(loss), model_lib.flax_model(model, call)
     if isinstance(data, Split):
         if len(data) == 0:
             raise ValueError("data must not be empty, got a Split of 0 examples")
@@ -112,7 +115,7 @@ def evaluate(
     sums: dict[str, jax.Array] = {}
     count = 0.0
     for batch, weight in pairs:
-        got = _metric_sums(model, params, model_state, batch, weight, loss=loss, call=call)
+        got = _metric_sums(runner, params, model_state, batch, weight, loss=loss)
         sums = got if not sums else {k: sums[k] + got[k] for k in sums}
         count += float(weight.sum())
     if count == 0:

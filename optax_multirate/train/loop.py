@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 from optax_multirate import _checks
 from optax_multirate.data.arrays import Split
@@ -228,7 +229,7 @@ class Loop:
 
 
 def fit(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     tx: optax.GradientTransformation,
     data: Split | Callable[[int], Iterable[Any]] | Iterable[Any],
     *,
@@ -264,8 +265,15 @@ def fit(
     metric}``; callbacks add to it in ``on_epoch_end`` (``Evaluate`` writes
     ``<split>_loss``, ``<split>_accuracy``, ...) and read it in ``on_log``.
 
+    A Flax NNX module trains through its split (see
+    :func:`~optax_multirate.train.make_train_step`): the result's ``params`` and
+    ``model_state`` are ``nnx.State`` of pure arrays, ``nnx.update(model, result.params,
+    result.model_state)`` puts them into the module, which ``fit`` never changes. Its initial
+    values and its RNG streams (dropout) are the module's own, so ``seed`` orders the batches
+    of a Split only.
+
     Args:
-      model: a Flax linen module.
+      model: a Flax Linen or NNX module.
       tx: any optax transformation (phased ones get only the gradients they read).
       data: a :class:`~optax_multirate.data.Split`, a callable ``epoch -> iterable of
         batches``, or a re-iterable of batches (not a one-shot iterator or generator).
@@ -275,7 +283,8 @@ def fit(
       batch_size: examples per step of a Split (required for one, refused otherwise).
       init: the :class:`LoopState` to start from (e.g. ``previous_result.state``); default:
         :func:`~optax_multirate.train.init_model` with key ``PRNGKey(seed)`` on one example
-        (``data.x[:1]`` of a Split, else of the first batch) and ``tx.init(params)``.
+        (``data.x[:1]`` of a Split, else of the first batch), or the split of an NNX module,
+        and ``tx.init(params)``.
       loss: ``loss(outputs, batch) -> scalar`` or ``-> (scalar, metrics)``; None:
         cross-entropy with integer labels, plus accuracy.
       call: how the model is told train or eval mode (see
@@ -290,9 +299,10 @@ def fit(
       A :class:`FitResult`.
 
     Raises:
-      TypeError: for a one-shot iterator or generator as ``data`` (pass a callable
-        ``epoch -> iterable`` instead), ``data`` of another type, a ``step`` that is not a
-        TrainStep, a callback that is not a Callback, or an argument of the wrong type.
+      TypeError: for a model that is no Flax module, a one-shot iterator or generator as
+        ``data`` (pass a callable ``epoch -> iterable`` instead), ``data`` of another type, a
+        ``step`` that is not a TrainStep, a callback that is not a Callback, or an argument
+        of the wrong type.
       ValueError: for a negative ``epochs``, ``seed`` or ``max_steps``, a ``batch_size`` out
         of range (or given for data that is not a Split, or missing for a Split), a ``step``
         built for another model or optimizer, or ``loss``/``call`` given with ``step``.
@@ -361,8 +371,7 @@ def _check_callbacks(callbacks: Any) -> tuple[Callback, ...]:
 
 def _train_step(model: Any, tx: Any, step: Any, loss: Any, call: Any) -> TrainStep:
     """``step`` checked against ``model`` and ``tx``, or a new one."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    model_lib.check_model(model)
     _checks.check_transformation("tx", tx)
     if step is None:
         return make_train_step(model, tx, loss=loss, call=call)
@@ -382,7 +391,7 @@ def _train_step(model: Any, tx: Any, step: Any, loss: Any, call: Any) -> TrainSt
 
 
 def _initial_state(
-    init: Any, model: nn.Module, tx: Any, step: TrainStep, source: source_lib.Source, seed: int
+    init: Any, model: Any, tx: Any, step: TrainStep, source: source_lib.Source, seed: int
 ) -> LoopState:
     """A copy of ``init`` placed for the step, or a fresh init."""
     if init is not None:

@@ -1,11 +1,17 @@
 """How a Flax model is called, how a batch is read, and the loss of a train step.
 
-Three small conventions, shared by the step, the evaluation and the loop:
+The model is a Flax Linen module or a Flax NNX module; :func:`flax_model` is the one place
+that tells them apart (an NNX module runs through its split, see
+:mod:`optax_multirate.train.nnx_support`). Three small conventions, shared by the step, the
+evaluation and the loop:
 
 * ``call`` says how the model is told train from eval mode: ``"train"`` (the default,
   ``model.apply(v, x, train=flag)``), any other keyword name (``"training"`` ->
   ``training=flag``), ``None`` (no flag: ``model.apply(v, x)``), or a callable
   ``call(train) -> dict`` of keyword arguments (``lambda train: {"deterministic": not train}``).
+  For an NNX module the default ``"train"`` sets the modes that ``model.train()`` and
+  ``model.eval()`` set (Dropout's ``deterministic``, BatchNorm's ``use_running_average``) on
+  copies, and passes no keyword; ``None``, another name or a callable work as for Linen.
 * A batch is a mapping with ``"x"`` and ``"y"``, or with TFDS's ``"image"`` and ``"label"``,
   or a 2-tuple ``(x, y)``.
 * ``loss(outputs, batch)`` returns a scalar, or ``(scalar, metrics)`` with a dict of scalar
@@ -13,11 +19,13 @@ Three small conventions, shared by the step, the evaluation and the loop:
   metrics always include ``loss``.
 
 Mutable collections (``batch_stats``) are updated in train mode and dropout draws from the
-step's key, as Flax's examples do.
+step's key, as Flax's examples do (an NNX module: its ``nnx.BatchStat`` and its own RNG
+streams, whose counts are part of ``model_state``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,12 +33,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from optax_multirate import _checks
+from optax_multirate.train import nnx_support
 
 __all__ = [
     "Call",
     "Loss",
+    "LinenModel",
+    "flax_model",
+    "check_model",
     "init_model",
     "classification_loss",
     "apply_model",
@@ -190,8 +203,83 @@ def metric_order(names: Any) -> list[str]:
     return sorted(names, key=lambda k: (k != "loss", k))
 
 
+@dataclasses.dataclass(frozen=True)
+class LinenModel:
+    """How the train step, the evaluation and the loop run a Linen module.
+
+    Attributes:
+      module: the Linen module.
+      call: how it is told train or eval mode (see the module docstring).
+    """
+
+    module: nn.Module
+    call: Call = "train"
+
+    def init(self, rng: jax.Array, sample_x: jax.typing.ArrayLike) -> tuple[Any, dict[str, Any]]:
+        """``(params, model_state)`` from ``module.init`` in eval mode."""
+        kwargs = call_kwargs(self.call, False)
+        rngs = {"params": rng, "dropout": rng}
+        variables = dict(self.module.init(rngs, jnp.asarray(sample_x), **kwargs))
+        params = variables.pop("params")
+        return params, variables
+
+    def apply(
+        self,
+        params: Any,
+        model_state: Mapping[str, Any],
+        x: Any,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """``(outputs, model_state)``; see :func:`apply_model`."""
+        variables = {"params": params, **model_state}
+        kwargs = call_kwargs(self.call, train)
+        if not train:
+            return self.module.apply(variables, x, **kwargs), dict(model_state)
+        rngs = {"dropout": jax.random.fold_in(rng, 0)}
+        mutable = [k for k in model_state if k == "batch_stats"]
+        if not mutable:
+            return self.module.apply(variables, x, rngs=rngs, **kwargs), dict(model_state)
+        outputs, updated = self.module.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
+        return outputs, {**model_state, **dict(updated)}
+
+
+def flax_model(model: Any, call: Call = "train") -> LinenModel | nnx_support.NNXModel:
+    """How ``model`` is initialised and run: the one place Linen and NNX are told apart.
+
+    Returns:
+      A :class:`LinenModel`, or an :class:`~optax_multirate.train.nnx_support.NNXModel` for
+      an NNX module; both have ``init(rng, sample_x) -> (params, model_state)`` and
+      ``apply(params, model_state, x, *, train, rng) -> (outputs, model_state)``, and are
+      hashable (static arguments of a jitted function).
+
+    Raises:
+      TypeError: for a model that is no Flax module, or a bad ``call``.
+    """
+    call = check_call(call)
+    if check_model(model) == "nnx":
+        return nnx_support.NNXModel.of(model, call)
+    return LinenModel(model, call)
+
+
+def check_model(model: Any) -> str:
+    """``"linen"`` or ``"nnx"``: which Flax API ``model`` is written in.
+
+    Raises:
+      TypeError: for anything that is no Flax module.
+    """
+    if nnx_support.is_nnx(model):
+        return "nnx"
+    if isinstance(model, nn.Module):
+        return "linen"
+    raise TypeError(
+        f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )
+
+
 def apply_model(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     params: Any,
     model_state: Mapping[str, Any],
     x: Any,
@@ -203,38 +291,40 @@ def apply_model(
     """Runs ``model`` on ``x`` in train or eval mode; returns ``(outputs, model_state)``.
 
     In train mode dropout draws from ``fold_in(rng, 0)`` and ``batch_stats`` (if the model
-    has it) is updated; in eval mode nothing is mutable and no key is needed.
+    has it) is updated; in eval mode nothing is mutable and no key is needed. An NNX module
+    runs from its split (``params`` and ``model_state`` as :func:`init_model` gives them):
+    dropout draws from its own RNG streams, and its batch statistics and RNG counts come back
+    updated in train mode.
     """
-    variables = {"params": params, **model_state}
-    kwargs = call_kwargs(call, train)
-    if not train:
-        return model.apply(variables, x, **kwargs), dict(model_state)
-    rngs = {"dropout": jax.random.fold_in(rng, 0)}
-    mutable = [k for k in model_state if k == "batch_stats"]
-    if not mutable:
-        return model.apply(variables, x, rngs=rngs, **kwargs), dict(model_state)
-    outputs, updated = model.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
-    return outputs, {**model_state, **dict(updated)}
+    return flax_model(model, call).apply(params, model_state, x, train=train, rng=rng)
 
 
 def init_model(
-    model: nn.Module, rng: jax.Array, sample_x: jax.typing.ArrayLike, *, call: Call = "train"
-) -> tuple[Any, dict[str, Any]]:
+    model: nn.Module | nnx.Module,
+    rng: jax.Array | None = None,
+    sample_x: jax.typing.ArrayLike | None = None,
+    *,
+    call: Call = "train",
+) -> tuple[Any, Any]:
     """Initialises a Flax model, splitting params from the other collections.
 
     Args:
-      model: a Flax linen module.
-      rng: PRNG key (for the params and, if the model draws at init, dropout).
-      sample_x: an input batch ``(batch, *input_shape)`` (one example is enough).
+      model: a Flax Linen module, or a Flax NNX module (already initialised: it is split,
+        never changed).
+      rng: PRNG key (for the params and, if the model draws at init, dropout); Linen only.
+      sample_x: an input batch ``(batch, *input_shape)`` (one example is enough); Linen only.
       call: how the model is told eval mode (see the module docstring); default
         ``model.init(..., train=False)``.
 
     Returns:
-      ``(params, model_state)``: the ``"params"`` collection and a dict of the others (e.g.
-      ``{"batch_stats": ...}``; empty for a model without batch norm).
+      ``(params, model_state)``. Linen: the ``"params"`` collection and a dict of the others
+      (e.g. ``{"batch_stats": ...}``; empty for a model without batch norm). NNX: the
+      module's ``nnx.Param`` leaves and the rest (batch statistics, RNG keys and counts), both
+      ``nnx.State`` of pure arrays (``nnx.split(model, nnx.Param, ...)`` made pure).
 
     Raises:
-      TypeError: for a ``call`` that is not a string, None or a callable.
+      TypeError: for a model that is no Flax module, a ``call`` that is not a string, None
+        or a callable, or a Linen model without ``rng`` and ``sample_x``.
 
     Examples:
       >>> import numpy as np
@@ -242,15 +332,18 @@ def init_model(
       >>> p, s = init_model(MLP((4,)), jax.random.PRNGKey(0), np.zeros((1, 3), np.float32))
       >>> print(sorted(p), s)
       ['Dense_0', 'head'] {}
+      >>> from flax import nnx
+      >>> p, s = init_model(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+      >>> print(sorted(p), p["kernel"].shape, len(s))
+      ['bias', 'kernel'] (3, 2) 0
     """
-    call = check_call(call)
-    variables = dict(
-        model.init(
-            {"params": rng, "dropout": rng}, jnp.asarray(sample_x), **call_kwargs(call, False)
+    runner = flax_model(model, call)
+    if isinstance(runner, LinenModel) and (rng is None or sample_x is None):
+        raise TypeError(
+            "init_model of a Linen module needs rng and sample_x (a PRNG key and an input "
+            f"batch), got rng={rng!r} and sample_x of type {type(sample_x).__name__}"
         )
-    )
-    params = variables.pop("params")
-    return params, variables
+    return runner.init(rng, sample_x)
 
 
 def classification_loss(
@@ -259,7 +352,7 @@ def classification_loss(
     """The train-mode loss of ``model``, as a train step differentiates it.
 
     Args:
-      model: a Flax linen module; with the default ``loss`` it returns logits
+      model: a Flax Linen or NNX module; with the default ``loss`` it returns logits
         ``(batch, num_classes)``.
       loss: ``loss(outputs, batch) -> scalar`` or ``-> (scalar, metrics)``; None: softmax
         cross-entropy with integer labels, plus ``accuracy``.
@@ -269,10 +362,12 @@ def classification_loss(
       ``loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics))``, where
       ``batch`` is read as the module docstring says, ``metrics`` is a dict of scalars that
       includes ``"loss"``, and ``model_state`` holds the updated mutable collections (batch
-      statistics). Dropout draws from ``rng``.
+      statistics). Dropout draws from ``rng`` (an NNX module: from its own RNG streams in
+      ``model_state``).
 
     Raises:
-      TypeError: for a ``loss`` that is not callable, or a bad ``call``.
+      TypeError: for a ``loss`` that is not callable, a model that is no Flax module, or a
+        bad ``call``.
 
     Examples:
       >>> import numpy as np
@@ -290,11 +385,11 @@ def classification_loss(
       ['loss'] 0.0
     """
     loss = check_loss(loss)
-    call = check_call(call)
+    runner = flax_model(model, call)
 
     def loss_fn(params, model_state, batch, rng):
-        outputs, model_state = apply_model(
-            model, params, model_state, batch_inputs(batch), train=True, call=call, rng=rng
+        outputs, model_state = runner.apply(
+            params, model_state, batch_inputs(batch), train=True, rng=rng
         )
         value, metrics = loss_and_metrics(loss, outputs, batch)
         return value, (model_state, metrics)

@@ -4,6 +4,14 @@ Any optax transformation works, and a phased one (``freeze_schedule``, the metho
 library) gets only the gradients it reads. With a ``mesh`` the step is data-parallel: each
 batch is sharded over the mesh's ``"data"`` axis and :meth:`TrainStep.place` replicates the
 state (see :mod:`optax_multirate.parallel`).
+
+A Flax NNX module trains through its split: the step's ``params`` are its ``nnx.Param``
+leaves and its ``model_state`` the rest (batch statistics, RNG keys and counts), both
+``nnx.State`` of pure arrays from :func:`~optax_multirate.train.init_model`; the gradient is
+taken over ``params`` with the module merged inside the loss (see
+:mod:`optax_multirate.train.nnx_support`), so a phased transformation saves the same
+backward work as for a Linen model. ``nnx.update(model, params, model_state)`` puts the
+trained values back into the module.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import optax
+from flax import nnx
 
 from optax_multirate import _checks, parallel
 from optax_multirate.phases import PhasedStep
@@ -33,7 +42,7 @@ class TrainStep:
     :func:`make_train_step`, which documents the arguments.
 
     Attributes:
-      model: the Flax model.
+      model: the Flax model (Linen or NNX).
       tx: the optax transformation it was built for.
       loss: the user loss (None: cross-entropy and accuracy).
       call: how the model is told train or eval mode.
@@ -44,7 +53,7 @@ class TrainStep:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | nnx.Module,
         tx: optax.GradientTransformation,
         *,
         loss: model_lib.Loss | None = None,
@@ -108,7 +117,7 @@ class TrainStep:
 
 
 def make_train_step(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     tx: optax.GradientTransformation,
     *,
     loss: model_lib.Loss | None = None,
@@ -120,14 +129,23 @@ def make_train_step(
 ) -> TrainStep:
     """Builds the jitted train step of ``model`` under ``tx``.
 
+    The step is ``step(params, opt_state, model_state, batch, rng, **extra) -> (params,
+    opt_state, model_state, metrics)``, with ``params`` and ``model_state`` from
+    :func:`~optax_multirate.train.init_model` and ``opt_state = tx.init(params)``. For an NNX
+    module these are the pure ``nnx.State`` of its ``nnx.Param`` leaves and of the rest, and
+    ``rng`` is unused (dropout draws from the module's own RNG streams, whose counts are in
+    ``model_state``); the module itself is not changed (``nnx.update(model, params,
+    model_state)`` puts the trained values back).
+
     Args:
-      model: a Flax linen module.
+      model: a Flax Linen or NNX module.
       tx: any optax transformation (phased or not).
       loss: ``loss(outputs, batch) -> scalar`` or ``-> (scalar, metrics)``; None: softmax
         cross-entropy with integer labels, plus ``accuracy`` (see
         :func:`~optax_multirate.train.classification_loss`).
-      call: how the model is told train mode: ``"train"`` (``train=True``), another keyword
-        name, None (no flag) or ``call(train) -> dict`` of keyword arguments.
+      call: how the model is told train mode: ``"train"`` (``train=True``; for an NNX
+        module, the modes ``model.train()`` sets, on a copy), another keyword name, None (no
+        flag: an NNX module as it is) or ``call(train) -> dict`` of keyword arguments.
       dispatch: ``"host"``, ``"switch"`` or ``"full"``; see
         :class:`~optax_multirate.phases.PhasedStep`.
       extra_args_fn: ``metrics -> dict`` of in-graph extra keyword arguments for
@@ -143,8 +161,9 @@ def make_train_step(
       A :class:`TrainStep`.
 
     Raises:
-      TypeError: for a ``tx`` that is not an optax transformation, a non-callable ``loss`` or
-        ``extra_args_fn``, a bad ``call``, or a ``mesh`` that is not a Mesh.
+      TypeError: for a model that is no Flax module, a ``tx`` that is not an optax
+        transformation, a non-callable ``loss`` or ``extra_args_fn``, a bad ``call``, or a
+        ``mesh`` that is not a Mesh.
       ValueError: for an unknown ``dispatch``.
 
     Examples:
@@ -158,6 +177,17 @@ def make_train_step(
       >>> p, o, s, metrics = step(p, tx.init(p), s, batch, jax.random.PRNGKey(0))
       >>> print(sorted(metrics), step.phased.num_compiles)
       ['accuracy', 'loss'] 1
+
+      An NNX module, through its split:
+
+      >>> from flax import nnx
+      >>> lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> p, s = init_model(lin)
+      >>> step = make_train_step(lin, tx)
+      >>> p, o, s, metrics = step(p, tx.init(p), s, batch, jax.random.PRNGKey(0))
+      >>> nnx.update(lin, p, s)                         # the trained values into the module
+      >>> bool((lin.kernel[...] == p["kernel"]).all())
+      True
     """
     return TrainStep(
         model,
