@@ -213,7 +213,14 @@ class _Set:
     def config(self) -> dict[str, Any]:
         return {
             **self.record,
-            "model": repr(self.model),
+            "model": {
+                "class": type(self.model).__name__,
+                **{
+                    f.name: getattr(self.model, f.name)
+                    for f in dataclasses.fields(self.model)
+                    if f.name not in ("parent", "name")
+                },
+            },  # fmt: skip
             "depth_units": self.depths,
             "splits": self.splits.record,
             "batch_size": self.spec.batch_size,
