@@ -1,7 +1,5 @@
 """Tests for multirate: fast/slow partition, random subgroups, several time scales."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -491,24 +489,3 @@ def test_state_types():
     s = multirate_sgd(0.1, 2, LABELS).init(params)
     assert isinstance(s, MultirateState) and s.count.dtype == jnp.int32
     assert find_tags(s)[0].reads == ((True, True, True), (False, False, True))
-
-
-# --------------------------------------------------------------------------- benchmarks
-
-
-def test_transfer_benchmark_quick(tmp_path):
-    from benchmarks.multirate_transfer import main
-
-    main(["--quick", "--out-dir", str(tmp_path)])
-    summary = json.loads((tmp_path / "multirate_transfer.quick.json").read_text())["summary"]
-    for key in (
-        "time_ratio",
-        "time_to_accuracy_ratio",
-        "accuracy_delta_pt",
-        "head_only_accuracy_delta_pt",
-        "predicted_time_ratio",
-        "fast_step_time_ratio",
-        "fast_step_flop_ratio",
-    ):
-        assert key in summary
-
