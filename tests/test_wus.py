@@ -465,26 +465,3 @@ def test_init_and_update_errors():
     forced = wus(optax.sgd(0.1), labels, force_windows=(1,), threshold=0.0)
     _, s = forced.update(params, forced.init(params), params)  # value optional here
     assert int(wus_phase(s)) == 1
-
-
-def test_benchmark_quick_writes_summary(tmp_path):
-    import json
-
-    from benchmarks.wus import main
-
-    main(["--quick", "--out-dir", str(tmp_path)])
-    summary = json.loads((tmp_path / "wus.quick.json").read_text())["summary"]
-    for key in [
-        "time_ratio",
-        "time_to_accuracy_ratio",
-        "accuracy_delta_pt",
-        "wuslr_time_ratio",
-        "wuslr_time_to_accuracy_ratio",
-        "wuslr_accuracy_delta_pt",
-        "skipped_step_fraction",
-        "bias_only_step_time_ratio",
-        "predicted_time_ratio",
-        "random_windows_accuracy_delta_pt",
-    ]:
-        assert key in summary, key
-    assert (tmp_path / "wus.quick.md").exists() and (tmp_path / "wus.quick.png").exists()
