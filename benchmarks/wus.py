@@ -21,7 +21,11 @@ comparison protocol (:mod:`benchmarks.protocol`):
    train time, the schedule fitted to those steps. Controls inherit a choice:
    ``random_windows`` takes WUS's, with its windows at random epochs after the warmup and the
    skipped steps of that seed's WUS run (the monitor off); ``baseline_half_budget`` takes the
-   baseline's, at half the steps (schedule fitted), checked on validation first.
+   baseline's, at half the steps (schedule fitted), checked on validation first. Selection
+   runs go through ``optax_multirate.fit`` too, one at a time, not through the batched
+   runner: on XLA CPU a ``lax.scan`` over this CNN's train step (the batched runner's loop)
+   took about 5 times the CPU time per step of the jitted step called from Python, vmapped
+   or not, and vmapping convolutions over runs cost 1.6 to 2.6 times more per run again.
 3. **Final runs**: the chosen configurations on 10 paired seeds, seed-major, each through
    ``optax_multirate.fit`` with the phased step (window steps differentiate the biases only);
    the sealed test split is read there only.
@@ -48,7 +52,6 @@ import numpy as np
 import optax
 
 from benchmarks import harness, protocol
-from benchmarks.batched import run_batched
 from benchmarks.step_cost import _time_rounds
 from optax_multirate import _checks
 from optax_multirate.data import Split, load_dataset, num_batches
@@ -165,8 +168,7 @@ def make_tx(
     framework's learning-rate scheduler does (inside ``wus`` its step count would be held
     too, and a run with windows would end before its rate had decayed). Without windows both
     are the same numbers. ``lr_factor`` makes it WUS+LR; ``force_windows`` with
-    ``threshold=0`` is the random-window control. Float arguments may be traced (the batched
-    selection runner injects them).
+    ``threshold=0`` is the random-window control.
     """
     sched = protocol.fitted_schedule({"learning_rate": learning_rate, "schedule": schedule}, steps)
     if signal is None and force_windows is None:
@@ -188,11 +190,6 @@ def make_tx(
 def _train_signal(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The in-graph signal: the minibatch training accuracy of each step."""
     return {"value": metrics["accuracy"]}
-
-
-def _batched_train_signal(loss: jax.Array, aux: Any) -> dict[str, jax.Array]:
-    del loss
-    return _train_signal(aux[1])
 
 
 def _last_val_accuracy(loop: Any) -> dict[str, float]:
@@ -225,13 +222,11 @@ class _CloseBudget(Callback):
 
 
 def _callbacks(
-    config: Mapping[str, Any], splits: Mapping[str, Any], *, windows: bool
+    config: Mapping[str, Any], splits: Mapping[str, Any], *, windows: bool, every: int
 ) -> tuple[list[Callback], Callable | None]:
     """The callbacks and the step's in-graph extras of a run of ``config``."""
     signal = config.get("signal")
-    evaluate = Evaluate(
-        {k: v for k, v in splits.items() if k != "val" or signal == k + "_accuracy"}
-    )
+    evaluate = Evaluate(splits, every_epochs=1 if signal == "val_accuracy" else every)
     log = _WindowLog() if windows else None
     callbacks: list[Callback] = [evaluate, *([log] if log else []), _CloseBudget(evaluate, log)]
     if signal == "val_accuracy":
@@ -255,12 +250,14 @@ def fit_run(
     batch_size: int = BATCH_SIZE,
     warmup: int = WARMUP,
     step_cache: dict[str, Any] | None = None,
+    eval_every: int = 1,
 ) -> dict[str, Any]:
     """One run of ``config`` for ``steps`` steps through ``optax_multirate.fit``.
 
-    ``splits`` are evaluated after every epoch (``{"val": ..., "test": ...}``; ``val`` only
-    when it is the decision signal). A fresh train step is built for each run (its compile
-    time is the run's), unless ``step_cache`` keeps one per configuration (selection runs).
+    ``splits`` (``{"val": ..., "test": ...}``) are evaluated after every ``eval_every``
+    epochs and at the end (every epoch when the validation accuracy is the decision signal),
+    outside the train time. A fresh train step is built for each run (its compile time is the
+    run's), unless ``step_cache`` keeps one per configuration (selection runs).
 
     Returns:
       ``final_accuracy`` (the last row's ``test_accuracy``, or nan), ``val_accuracy`` (the
@@ -269,7 +266,7 @@ def fit_run(
     """
     tx = make_tx(steps=steps, steps_per_epoch=steps_per_epoch, warmup=warmup, **config)
     is_wus = config.get("signal") is not None or config.get("force_windows") is not None
-    callbacks, extra_args_fn = _callbacks(config, splits, windows=is_wus)
+    callbacks, extra_args_fn = _callbacks(config, splits, windows=is_wus, every=eval_every)
     key = json.dumps(dict(config), sort_keys=True)
     if step_cache is not None and key in step_cache:
         tx, step = step_cache[key]
@@ -394,16 +391,21 @@ class _Setup:
             raise ValueError("every selected arm must have the same number N of configurations")
         self.n = len(self.learning_rates)
 
-    def batched(self, grid: Sequence[Mapping[str, Any]], steps: int, **kw: Any) -> Any:
-        """The selection runs of ``grid`` for ``steps`` steps (:func:`run_batched`).
+    def outcome(self, steps: int) -> Callable[[dict[str, Any], int], protocol.RunOutcome]:
+        """``run(config, seed)`` for :func:`protocol.select`: a ``fit`` run of ``steps`` steps.
 
-        One run per call (``chunk=1``): on XLA CPU, vmapping a convolution over runs (each
-        with its own kernels) made each run 1.6x (two at once) to 2.6x (four) slower than
-        running it alone; the runs of a program still share its compilation.
+        One train step per configuration serves both seeds (their compile is not measured);
+        the validation split is evaluated at the end (every epoch where it is the signal).
         """
-        tx = functools.partial(make_tx, steps=steps, steps_per_epoch=self.spe, warmup=self.warmup)
-        return run_batched(self.model, tx, grid, protocol.SELECTION_SEEDS, self.train, self.val,
-                           batch_size=self.batch_size, steps=steps, chunk=1, **kw)  # fmt: skip
+        cache: dict[str, Any] = {}
+
+        def run(config: dict[str, Any], seed: int) -> protocol.RunOutcome:
+            r = self.run(config, seed, {"val": self.val}, steps=steps, step_cache=cache,
+                         eval_every=self.epochs + 1)  # fmt: skip
+            losses = tuple(h["train_loss"] for h in r["history"])
+            return protocol.RunOutcome(r["val_accuracy"], losses)
+
+        return run
 
     def select(self, arm: str, grid: Sequence[Mapping[str, Any]], run: Callable) -> dict:
         return protocol.select(arm, grid, run, final_seeds=self.seeds,
@@ -418,42 +420,17 @@ class _Setup:
 def _select_step_size(setup: _Setup, arm: str, steps: int) -> dict[str, Any]:
     """An arm of the plain optimizer that selects its step size for a budget of ``steps``."""
     grid = [{"learning_rate": lr, "schedule": "cosine"} for lr in setup.learning_rates]
-    res = setup.batched(grid, steps)
-    return setup.select(arm, grid, res.outcome)
+    return setup.select(arm, grid, setup.outcome(steps))
 
 
 def _select_wus(setup: _Setup, arm: str, base: Mapping[str, Any], lr_factor: float | None):
-    """WUS (WUS+LR) around the baseline's choice ``base``: signal, threshold, window, patience.
-
-    Configurations with the in-graph training-accuracy signal run batched (the full gradient
-    each step); those with the validation-accuracy signal need an evaluation between epochs,
-    so they run through ``fit``, one at a time.
-    """
+    """WUS (WUS+LR) around the baseline's choice ``base``: signal, threshold, window, patience."""
     extra = {} if lr_factor is None else {"lr_factor": lr_factor}
     grid = [
         {**base, "signal": s, "threshold": th, "window": w, "patience": p, **extra}
         for s, th, w, p in setup.wus_grid
     ]
-    batched = [c for c in grid if c["signal"] == "train_accuracy"]
-    res = (
-        setup.batched(batched, setup.steps, extra_args_fn=_batched_train_signal)
-        if batched
-        else None
-    )
-    cache: dict[str, Any] = {}
-
-    def run(config: dict[str, Any], seed: int) -> protocol.RunOutcome:
-        if config["signal"] == "train_accuracy":
-            acc, losses = res.outcome(config, seed)
-        else:
-            r = setup.run(config, seed, {"val": setup.val}, step_cache=cache)
-            acc, losses = r["val_accuracy"], tuple(h["train_loss"] for h in r["history"])
-        # a count of correct examples: the two runners' float32 means differ in the last bits,
-        # which must not break a tie between them
-        n = len(setup.val)
-        return protocol.RunOutcome(round(acc * n) / n, losses)
-
-    return setup.select(arm, grid, run)
+    return setup.select(arm, grid, setup.outcome(setup.steps))
 
 
 def _half_budget_check(setup: _Setup, rec: Mapping[str, Any]) -> float | None:
@@ -461,9 +438,10 @@ def _half_budget_check(setup: _Setup, rec: Mapping[str, Any]) -> float | None:
     points of validation accuracy over the selection seeds (None if the baseline diverged)."""
     if rec["chosen"] is None:
         return None
-    res = setup.batched([rec["chosen"]], setup.half_steps)
+    run = setup.outcome(setup.half_steps)
+    half = [run(dict(rec["chosen"]), seed).val_accuracy for seed in protocol.SELECTION_SEEDS]
     full = rec["scores"][rec["grid"].index(rec["chosen"])]
-    return 100.0 * (float(np.mean(res.val_accuracy[0])) - full)
+    return 100.0 * (statistics.fmean(half) - full)
 
 
 def _random_windows(
@@ -499,7 +477,8 @@ def _final_arms(setup: _Setup) -> dict[str, Callable]:
         return lambda config, seed, test: setup.run(config, seed, {"test": test}, steps=steps)
 
     def method(config: dict, seed: int, test: Split) -> dict:
-        return setup.run(config, seed, {"val": setup.val, "test": test})
+        val = {"val": setup.val} if config["signal"] == "val_accuracy" else {}
+        return setup.run(config, seed, {**val, "test": test})
 
     def wus_run(config: dict, seed: int, test: Split) -> dict:
         r = method(config, seed, test)
