@@ -612,7 +612,8 @@ def _table(s, selection, runs, best, rule_met, attempts, fast, task, pre, setup)
         "run's own compile time. Predicted: (1 + (k - 1) r) / k with r the measured median "
         "fast-only step time over the median full step time of that arm's runs. Equal time: "
         "train all for as many steps as fit in the arm's mean train time, its schedule fitted "
-        "and its step size selected on validation.",
+        "and its step size selected on validation; these arms run after the others (their "
+        "budgets come from the others' measured times), interleaved by seed among themselves.",
     ]
     return "\n".join(rows)
 
