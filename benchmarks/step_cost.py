@@ -8,7 +8,11 @@ of 128:
   ``PhasedStep`` program: value_and_grad over the needed leaves, optimizer update, apply);
 * the host-dispatch overhead: a phased step whose mask is "everything" (it finds the tags,
   reads the phase from the device and looks the program up) against the plain jitted step;
-* the same phases under in-graph ``lax.switch`` dispatch, against host dispatch.
+* the same phases under in-graph ``lax.switch`` dispatch, against host dispatch;
+* Linen against Flax NNX: the CNN written in both APIs, multirate (k=5, the head fast)
+  through the library's phased step, timed over whole cycles against each API's own plain
+  step (Linen: the phased step with plain optax; NNX: ``nnx.Optimizer`` with ``optax.sgd``
+  under ``nnx.jit``).
 
 Timings are interleaved (round-robin over programs, many rounds) so that drift in the
 machine's speed hits every program alike. Run: ``python -m benchmarks.step_cost``.
@@ -24,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import optax_multirate as om
 from benchmarks import harness
-from optax_multirate.models import CNN, MLP, ResNet
-from optax_multirate.train import classification_loss, init_model
+from optax_multirate.models import CNN, MLP, ResNet, max_pool_2x2
+from optax_multirate.train import classification_loss, init_model, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,14 @@ CLAIM = (
     "head-only and bias-only gradients cost about 0.05-0.11 and 0.54-0.86 of a full step, "
     "depending on the model, and a convolution backward inside `lax.switch` runs about 80x "
     "slower than the same program alone. Our goal: for the CNN and the ResNet, time ratio / "
-    "FLOP ratio <= 1.1 for head-only and bias-only steps, and host-dispatch overhead <= 1.02."
+    "FLOP ratio <= 1.1 for head-only and bias-only steps, and host-dispatch overhead <= 1.02. "
+    "For Flax NNX, multirate (k=5) through the library's phased step costs, against a plain "
+    "`nnx.Optimizer` step, at most what it costs a Linen model against a plain Linen step, "
+    "plus 0.05."
 )
+
+#: multirate's period in the Linen-vs-NNX figure: one full step, then k - 1 fast-only ones
+CYCLE = 5
 
 
 def _models(quick: bool):
@@ -170,6 +181,110 @@ def measure(name: str, model, x: np.ndarray, y: np.ndarray, rounds: int, loop_st
     return row
 
 
+class NNXCNN(nnx.Module):
+    """The CNN of ``optax_multirate.models.CNN(features)`` written in Flax NNX.
+
+    The same layers in the same order (3x3 ``SAME`` convolutions with bias, each followed by
+    relu and :func:`~optax_multirate.models.max_pool_2x2`, a global mean, a ``head``), so
+    with the same params it computes the same logits.
+    """
+
+    def __init__(self, features, num_classes: int = 10, *, rngs: nnx.Rngs):
+        widths = (1, *features)
+        self.convs = nnx.List(
+            [nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs) for a, b in zip(widths, widths[1:])]
+        )
+        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        for conv in self.convs:
+            x = max_pool_2x2(nnx.relu(conv(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def _cycles(step, params, opt_state, model_state, batch, rng, n: int):
+    """``n`` chained steps of a :class:`~optax_multirate.train.TrainStep` from the same state
+    each call (a cycle start), blocked once at the end."""
+
+    def run():
+        p, o, s = params, opt_state, model_state
+        for _ in range(n):
+            p, o, s, _ = step(p, o, s, batch, rng)
+        return p
+
+    return run
+
+
+def measure_apis(features, x: np.ndarray, y: np.ndarray, rounds: int, k: int = CYCLE) -> dict:
+    """Multirate (k steps: one full, k - 1 head-only) over each API's plain step, Linen and NNX.
+
+    Each arm runs one whole cycle of ``k`` chained steps per round (the figure is per step):
+    Linen's multirate and plain steps are the library's phased step (plain: ``optax.sgd``,
+    full gradient); NNX's multirate step is the library's phased step on the module's split,
+    its plain step ``nnx.Optimizer(model, optax.sgd(...), wrt=nnx.Param)`` under ``nnx.jit``.
+    All four compute the loss and accuracy of the same batch.
+    """
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    rng = jax.random.key(0)
+    sgd = lambda: optax.sgd(0.01, momentum=0.9)
+    fast_head = {"fast": "^head/"}
+
+    linen = CNN(features=tuple(features))
+    params, model_state = init_model(linen, rng, x[:1])
+    tx = om.multirate_sgd(0.01, k, om.rule_labels(params, fast_head, default="slow"))
+    linen_mr = make_train_step(linen, tx)
+    linen_plain = make_train_step(linen, sgd(), dispatch="full")
+
+    module = NNXCNN(tuple(features), rngs=nnx.Rngs(0))
+    n_params, n_state = init_model(module)
+    labels = om.rule_labels(nnx.state(module, nnx.Param), fast_head, default="slow")
+    n_tx = om.multirate_sgd(0.01, k, labels)
+    nnx_mr = make_train_step(module, n_tx)
+    plain_model = NNXCNN(tuple(features), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(plain_model, sgd(), wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits = model(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+        (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, accuracy
+
+    def nnx_plain():
+        for _ in range(k):
+            out = nnx_step(plain_model, optimizer, batch["x"], batch["y"])
+        return out
+
+    fns = {
+        "linen_multirate": _cycles(linen_mr, params, tx.init(params), model_state, batch, rng, k),
+        "linen_plain": _cycles(linen_plain, params, sgd().init(params), model_state, batch, rng, k),
+        "nnx_multirate": _cycles(nnx_mr, n_params, n_tx.init(n_params), n_state, batch, rng, k),
+        "nnx_plain": nnx_plain,
+    }
+    times = {name: [t / k for t in ts] for name, ts in _time_rounds(fns, rounds).items()}
+    row = {
+        "model": "cnn",
+        "k": k,
+        "median_ms": {name: harness.median_ms(ts) for name, ts in times.items()},
+        "times_ms": times,
+        "masks": {
+            "linen": [om.train.mask_name(m) for m in linen_mr.phased.masks],
+            "nnx": [om.train.mask_name(m) for m in nnx_mr.phased.masks],
+        },
+    }
+    for api in ("linen", "nnx"):
+        key = f"{api}_multirate_step_time_ratio"
+        row[key], row[key + "_ci_low"], row[key + "_ci_high"] = harness.paired_ratio(
+            times[f"{api}_multirate"], times[f"{api}_plain"]
+        )
+    log.info("linen vs nnx: %s", {k: v for k, v in row.items() if k.endswith("ratio")})
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     def flags(p):
         p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 60)")
@@ -192,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in _models(quick).items():
         if name in chosen:
             runs.append(measure(name, model, x, y, rounds, loop_steps))
+    apis = None
+    if "cnn" in chosen:
+        apis = measure_apis(_models(quick)["cnn"].features, x, y, rounds)
     by = {r["model"]: r for r in runs}
     summary: dict = {}
     for prefix, model in (("", "cnn"), ("mlp_", "mlp"), ("resnet_", "resnet")):
@@ -220,6 +338,16 @@ def main(argv: list[str] | None = None) -> dict:
             and r["dispatch_overhead_ratio"] <= 1.02
         )
 
+    if apis is not None:
+        for api in ("linen", "nnx"):
+            key = f"{api}_multirate_step_time_ratio"
+            for suffix in ("", "_ci_low", "_ci_high"):
+                summary[key + suffix] = round(apis[key + suffix], 4)
+            summary[f"{api}_plain_step_ms"] = round(apis["median_ms"][f"{api}_plain"], 3)
+        summary["nnx_goal_met"] = bool(
+            apis["nnx_multirate_step_time_ratio"] <= apis["linen_multirate_step_time_ratio"] + 0.05
+        )
+
     def ci(r, key):
         return f"{r[key]:.3f} [{r[key + '_ci_low']:.3f}, {r[key + '_ci_high']:.3f}]"
 
@@ -241,6 +369,23 @@ def main(argv: list[str] | None = None) -> dict:
             f"{ci(r, 'dispatch_overhead_ratio')} | {ci(r, 'loop_dispatch_overhead_ratio')} | "
             f"{r['switch_full_time_ratio']:.2f} |"
         )
+    if apis is not None:
+        m = apis["median_ms"]
+        lines += [
+            "",
+            f"Linen against NNX, the CNN: multirate (k={apis['k']}, head fast) through the "
+            "library's phased step, per step over whole cycles, against each API's plain step.",
+            "",
+            "| API | multirate ms | plain ms | multirate / plain | masks |",
+            "|---|---|---|---|---|",
+        ]
+        for api, plain in (("linen", "phased step, plain optax"), ("nnx", "nnx.Optimizer")):
+            lines.append(
+                f"| {api} | {m[api + '_multirate']:.2f} | {m[api + '_plain']:.2f} ({plain}) | "
+                f"{ci(apis, api + '_multirate_step_time_ratio')} | "
+                f"{', '.join(apis['masks'][api])} |"
+            )
+        runs.append(apis | {"model": "cnn_linen_vs_nnx"})
     config = {
         "batch_size": 128,
         "input_shape": [28, 28, 1],
@@ -250,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
         "every 4th round); ratios are medians of per-round ratios",
         "loop_steps": loop_steps,
         "models": {k: repr(v) for k, v in _models(quick).items()},
+        "linen_vs_nnx": f"CNN(features) and NNXCNN(features): multirate_sgd(0.01, k={CYCLE}, "
+        "head fast) through make_train_step, per step over whole cycles (one round = one "
+        "cycle per arm), against make_train_step(cnn, sgd, dispatch='full') (Linen) and "
+        "nnx.Optimizer(model, sgd, wrt=nnx.Param) under nnx.jit (NNX)",
     }
     harness.write_results(
         "step_cost",
