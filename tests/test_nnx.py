@@ -85,7 +85,7 @@ METHODS = {
     "growth_lr_adaptation": lambda m: optax.chain(_sgd(), om.growth_lr_adaptation(2)),
 }
 EXTRA = {"wus": _value}
-STEPS = 4
+STEPS = 3
 
 
 def _data(x):
@@ -266,3 +266,34 @@ def test_fit_builds_its_own_step_and_refuses_a_foreign_model():
     )
     with pytest.raises(TypeError, match="model must be a flax.linen.Module or a flax.nnx"):
         om.fit(object(), optax.sgd(0.1), _split(16), epochs=1, batch_size=8)
+
+
+# --------------------------------------------------------------------------- docs/nnx.md
+
+
+def test_docs_nnx_page_runs():
+    """Every code block of docs/nnx.md, in order, in one namespace."""
+    text = (ROOT / "docs" / "nnx.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 4
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/nnx.md, block {i + 1}", "exec"), ns)
+    assert sorted(ns["methods"]) == sorted(om.TRANSFORMATIONS)
+    assert [om.train.mask_name(m) for m in ns["step"].phased.masks] == ["full", "phase:2/8"]
+    assert sorted(ns["result"].masks) == ["full", "phase:2/8"] and ns["more"].steps == 12
+    assert 0.0 <= ns["metrics"]["accuracy"] <= 1.0
+
+
+def test_step_cost_cnn_is_the_same_model_in_linen_and_nnx():
+    """The Linen-vs-NNX step-cost figure compares one model written in the two APIs."""
+    from benchmarks.step_cost import NNXCNN
+
+    linen = om.models.CNN(features=(4, 8))
+    x = np.random.default_rng(0).random((2, 12, 12, 1), dtype=np.float32)
+    params, _ = om.init_model(linen, KEY, x[:1])
+    module = NNXCNN((4, 8), rngs=nnx.Rngs(1))
+    convs = {i: params[f"Conv_{i}"] for i in range(2)}
+    nnx.update(module, nnx.State({"convs": convs, "head": params["head"]}))
+    want = linen.apply({"params": params}, x, train=False)
+    np.testing.assert_allclose(module(x), want, rtol=1e-5, atol=1e-6)
