@@ -1,5 +1,8 @@
 """Training: a jitted train step, evaluation, checkpoints, and one loop with plug-ins.
 
+Every piece takes a Flax Linen module or a Flax NNX module; an NNX module runs through its
+split, ``nnx.Param`` leaves as the params and the rest as ``model_state`` (``nnx_support``).
+
 * :func:`init_model`, :func:`classification_loss` (``model``): how a Flax model is called
   (``call``), how a batch is read, and the loss (``loss``).
 * :class:`TrainStep`, :func:`make_train_step` (``step``): a
