@@ -24,7 +24,7 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "baseline": (
         "plain optax (reference)",
         "-",
-        ("final_accuracy", "final_accuracy_std", "train_time_s", "step_time_ms"),
+        ("final_accuracy", "final_accuracy_std", "diverged_runs", "train_time_s", "step_time_ms"),
         "mean test accuracy >= 0.95",
     ),
     "step_cost": (
@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "dispatch_overhead_ratio",
             "goal_met",
             "resnet_goal_met",
+            "linen_multirate_step_time_ratio",
+            "nnx_multirate_step_time_ratio",
         ),
         "time/FLOP ratio <= 1.1 (CNN, ResNet); dispatch overhead <= 1.02",
     ),
@@ -45,13 +47,16 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         "multirate (Vlaar & Leimkuhler)",
         "fine-tuning in about half the time at equal accuracy (ResNet-50: 0.50 of the time)",
         (
+            "best_arm",
             "time_ratio",
-            "time_to_accuracy_ratio",
-            "accuracy_delta_pt",
-            "head_only_accuracy_delta_pt",
             "predicted_time_ratio",
+            "accuracy_delta_pt",
+            "equal_time_accuracy_delta_pt",
+            "head_only_accuracy_delta_pt",
+            "baseline_half_budget_delta_pt",
+            "diverged_runs",
         ),
-        "time_ratio <= 0.5, accuracy_delta_pt >= -0.5",
+        "time_ratio <= 0.5, accuracy_delta_pt >= -0.5, equal_time_accuracy_delta_pt > 0",
     ),
     "multirate_scratch": (
         "multirate from scratch",
@@ -60,8 +65,11 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         (
             "subgroups_test_loss_delta",
             "subgroups_accuracy_delta_pt",
+            "overfit_gap_pt",
+            "dropout_accuracy_delta_pt",
             "timescales_clean_accuracy_delta_pt",
             "timescales_patch_accuracy_delta_pt",
+            "diverged_runs",
         ),
         "report",
     ),
@@ -75,8 +83,12 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "wuslr_accuracy_delta_pt",
             "skipped_step_fraction",
             "predicted_time_ratio",
+            "equal_time_accuracy_delta_pt",
+            "bias_only_step_time_ratio",
+            "diverged_runs",
         ),
-        "time_ratio <= 0.9 within 0.03 of predicted, accuracy_delta_pt >= -1.0",
+        "skipped_step_fraction >= 0.5, accuracy_delta_pt >= -1.0, time_ratio within 0.03 of "
+        "predicted, equal_time_accuracy_delta_pt >= 0",
     ),
     "lerac": (
         "LeRaC (Croitoru et al.)",
@@ -85,6 +97,7 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "digits_accuracy_delta_pt",
             "mnist_accuracy_delta_pt",
             "mnist1d_accuracy_delta_pt",
+            "sets_above_0",
             "step_time_ratio",
         ),
         "95% interval above 0 on >= 2 of 3 sets; step_time_ratio <= 1.02",
@@ -96,10 +109,11 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "mnist1d_accuracy_delta_vs_best_schedule_pt",
             "mnist_accuracy_delta_vs_best_schedule_pt",
             "digits_accuracy_delta_vs_best_schedule_pt",
+            "mnist1d_accuracy_delta_vs_schedule_free_pt",
             "mnist1d_configs_tried",
             "mnist1d_best_schedule_configs_tried",
         ),
-        ">= -0.3 pt vs the best schedule on >= 2 of 3 sets, with no more configs",
+        ">= -0.3 pt vs the best schedule on >= 2 of 3 sets, with equal configs",
     ),
     "growing": (
         "growing networks (Yuan, Savarese & Maire)",
@@ -107,21 +121,32 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         "savings (about 0.83 of the wall-clock time)",
         (
             "time_ratio",
-            "time_to_accuracy_ratio",
+            "predicted_time_ratio",
+            "time_to_accuracy_ratio_with_compile",
+            "time_to_accuracy_seeds_reached",
             "flop_ratio",
             "accuracy_delta_pt",
-            "mlp_time_to_accuracy_ratio",
-            "mlp_accuracy_delta_pt",
+            "diverged_runs",
         ),
-        "time_to_accuracy_ratio <= 0.75, accuracy_delta_pt >= -0.5",
+        "time_to_accuracy_ratio_with_compile <= 0.75, accuracy_delta_pt >= -0.5 (MLP)",
     ),
     "combos": (
         "pairs of methods in one chain",
         "-",
-        ("pairs_run", "pairs_failed"),
+        ("pairs_run", "pairs_failed", "diverged_runs"),
         "every pair runs",
     ),
 }
+
+
+def _figure(key: str, summary: dict) -> str:
+    """``key value``, with the 95% interval beside a ``_pt`` delta that has one."""
+    text = f"`{key}` {_fmt(summary[key])}"
+    if key.endswith("_pt"):
+        lo, hi = (summary.get(key[: -len("_pt")] + s) for s in ("_ci_low_pt", "_ci_high_pt"))
+        if lo is not None and hi is not None:
+            text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+    return text
 
 
 def _fmt(v) -> str:
@@ -140,8 +165,14 @@ def build(results_dir: pathlib.Path) -> str:
         "Generated by `python -m benchmarks.overview` from `benchmarks/results/*.json`; every "
         "figure comes from the command in its row.",
         "",
-        "| benchmark | method | the paper's claim | our figures | our goal | command | date |",
-        "|---|---|---|---|---|---|---|",
+        "A figure ending in `_pt` is a paired difference in percentage points, with its 95% "
+        "interval in brackets. *Protocol* says whether the run selected every arm's "
+        "hyperparameters on validation (the comparison protocol of `benchmarks/protocol.py`); a "
+        "run without it is older and its comparisons are not fair in that sense.",
+        "",
+        "| benchmark | method | the paper's claim | our figures | our goal | protocol | command "
+        "| date |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     others = []
     for path in sorted(results_dir.glob("*.json")):
@@ -156,13 +187,14 @@ def build(results_dir: pathlib.Path) -> str:
             continue
         method, claim, keys, goal = ROWS.get(stem, (stem, "-", (), "-"))
         summary = data.get("summary", {})
-        figs = "; ".join(f"`{k}` {_fmt(summary[k])}" for k in keys if k in summary)
+        figs = "; ".join(_figure(k, summary) for k in keys if k in summary)
         if not keys:
             figs = "; ".join(f"`{k}` {_fmt(v)}" for k, v in list(summary.items())[:6])
         machine = data.get("machine", {})
         dev = machine.get("device", "cpu")
         lines.append(
             f"| {stem} | {method} | {claim} | {figs or '-'} | {goal} | "
+            f"{'yes' if 'selection' in data else 'no'} | "
             f"`{data.get('command', '?')}` | {str(data.get('date', '?'))[:10]} ({dev}) |"
         )
     missing = [k for k in ROWS if not (results_dir / f"{k}.json").exists()]
