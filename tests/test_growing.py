@@ -16,6 +16,7 @@ from optax_multirate.growing import (
     GrowthSchedule,
     fit_grown,
     grow,
+    grow_variables,
     growth_lr_adaptation,
 )
 from optax_multirate.models import CNN, MLP, ResNet
@@ -380,6 +381,141 @@ def test_lra_needs_params():
         tx.update(p, tx.init(p), None)
 
 
+# ---------------------------------------------------------------------- growth of any model
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_grow_variables_finds_what_grow_knows_by_name(name):
+    """On the library's models with batch norm the generic path, which reads no names, finds
+    the same pairs, variance-transfer scales and running statistics: old blocks bitwise."""
+    make = {"cnn": lambda w: CNN(features=w, batch_norm=True),
+            "resnet": lambda w: MODELS["resnet"][0](w, True)}[name]  # fmt: skip
+    x = jax.random.normal(jax.random.key(3), (6, 8, 8, 1))
+    m0, m1 = make((4, 6)), make((8, 10))
+    v, tx = _variables(m0, x), _tx()
+    shapes = _shapes(m1, x)
+    st = tx.init(v["params"])
+    ref, ref_st = grow(v, st, 0, key=KEY, next_shapes=shapes, optimizer=tx)
+    out, out_st = grow_variables(m0, v, shapes, x, train=False, key=KEY, opt_state=st,
+                                 optimizer=tx)  # fmt: skip
+    for a, b, o in zip(jax.tree.leaves(ref), jax.tree.leaves(out), jax.tree.leaves(v)):
+        block = tuple(slice(0, n) for n in np.shape(o))
+        np.testing.assert_array_equal(np.asarray(a)[block], np.asarray(b)[block])
+    for a, b in zip(jax.tree.leaves(ref_st), jax.tree.leaves(out_st)):  # births, momentum
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(_apply(m1, out, x, False), _apply(m0, v, x, False), atol=1e-5)
+
+
+class _Deep(nn.Module):
+    """No naming contract: ``layers_0..``, ``out``; ``pairing=False`` and shapes only."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = nn.tanh(nn.Dense(self.width, name=f"layers_{i}")(x))
+        return nn.Dense(2, name="out")(x)
+
+
+def test_grow_variables_unpaired_and_from_shapes():
+    x = jax.random.normal(KEY, (3, 4))
+    m0, m1 = _Deep(4), _Deep(7)
+    v = m0.init(KEY, x)
+    shapes = jax.eval_shape(m1.init, KEY, x)
+    g, _ = grow_variables(m0, v, shapes, x, key=jax.random.key(2), pairing=False)
+    np.testing.assert_allclose(m1.apply(g, x), m0.apply(v, x), atol=1e-6)
+    k = np.asarray(g["params"]["layers_1"]["kernel"])
+    assert np.all(k[4:] == 0) and np.any(k[:4, 4:] != 0)  # new units: zero fan-out only
+    with pytest.raises(ValueError, match="odd number"):
+        grow_variables(m0, v, shapes, x, key=KEY)
+    with pytest.raises(ValueError, match="key is needed"):
+        grow_variables(m0, v, shapes, x, pairing=False)
+
+
+class _Flatten(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.width, (3, 3))(x))
+        return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+
+class _Heads(nn.Module):
+    """A hand-written attention: the features split into heads by a reshape."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Dense(self.width)(x).reshape(*x.shape[:2], 2, self.width // 2)
+        a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, q), -1)
+        return nn.Dense(2)(jnp.einsum("bhqk,bkhd->bqhd", a, q).reshape(*x.shape[:2], -1))
+
+
+class _Softmax(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(jax.nn.softmax(nn.Dense(self.width)(x), -1))
+
+
+class _Tied(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        emb = nn.Embed(5, self.width)
+        return emb.attend(nn.relu(emb(x)))
+
+
+class _Classes(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.width)(nn.relu(nn.Dense(4)(x)))
+
+
+@pytest.mark.parametrize(
+    "model,shape,match",
+    [
+        (_Flatten, (1, 4, 4, 1), "reshape .* merges a grown axis"),
+        (_Heads, (1, 3, 2), "reshape .* splits or merges a grown axis"),
+        (_Softmax, (1, 3), "reduces over a grown axis"),
+        (_Tied, None, "tied weights"),
+        (_Classes, (1, 3), "output grows"),
+    ],
+)
+def test_grow_variables_refuses_layers_that_cannot_keep_the_function(model, shape, match):
+    x = jnp.zeros((1, 3), jnp.int32) if shape is None else jnp.zeros(shape)
+    m0, m1 = model(4), model(8)
+    with pytest.raises(ValueError, match=match):
+        grow_variables(m0, m0.init(KEY, x), m1.init(KEY, x), x)
+
+
+def test_grow_variables_errors():
+    x = jnp.zeros((1, 4))
+    m0, m1 = _Deep(4), _Deep(6)
+    v, v1 = m0.init(KEY, x), m1.init(KEY, x)
+    with pytest.raises(ValueError, match="grows nothing"):
+        grow_variables(m0, v, v, x)
+    with pytest.raises(ValueError, match="enlarges it"):
+        grow_variables(m1, v1, v, x)
+    with pytest.raises(ValueError, match="other leaves"):
+        grow_variables(m0, v, MLP((6,)).init(KEY, x), x)
+    with pytest.raises(ValueError, match="optimizer"):
+        grow_variables(m0, v, v1, x, opt_state=optax.sgd(0.1).init(v["params"]))
+    with pytest.raises(TypeError, match="model"):
+        grow_variables(lambda x: x, v, v1, x)
+    with pytest.raises(ValueError, match="rescale"):
+        grow_variables(m0, v, v1, x, rescale="measured_old")
+    with pytest.raises(ValueError, match="naming contract.*grow_variables"):
+        grow(v, None, 0, key=KEY, next_shapes=jax.eval_shape(m1.init, KEY, x))
+
+
 # ------------------------------------------------------------------------------------- LRA
 
 
@@ -543,4 +679,3 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
         rp, rs, rms, _ = step(rp, rs, rms, batch, KEY)
     jax.tree.map(np.testing.assert_array_equal, (p, s, ms), (rp, rs, rms))
     assert step.phased.num_compiles == 1
-

@@ -12,7 +12,9 @@ the docs page (``docs/growing.md``, "Our choices where the paper is silent") lis
 beside what the sources say.
 
 Submodules, one concept each: ``schedule`` (:class:`GrowthSchedule`), ``widen`` (:func:`grow`:
-params, batch-norm statistics and the optimizer state's carry-over), ``rate_adaptation``
+params, batch-norm statistics and the optimizer state's carry-over), ``generic``
+(:func:`grow_variables` and :func:`grow_module`: any Linen or NNX model grown into the wider
+twin its user builds, with no naming contract), ``rate_adaptation``
 (:func:`growth_lr_adaptation`, :class:`GrowthLRAState`) and ``stages`` (:class:`GrowthStages`,
 :func:`fit_grown`, :class:`GrownFitResult`). Every public name is importable from
 ``optax_multirate.growing``.
@@ -23,6 +25,7 @@ References:
   2023.
 """
 
+from optax_multirate.growing.generic import grow_module, grow_variables
 from optax_multirate.growing.rate_adaptation import GrowthLRAState, growth_lr_adaptation
 from optax_multirate.growing.schedule import GrowthSchedule
 from optax_multirate.growing.stages import GrownFitResult, GrowthStages, fit_grown
@@ -33,6 +36,8 @@ __all__ = [
     "GrowthLRAState",
     "growth_lr_adaptation",
     "grow",
+    "grow_variables",
+    "grow_module",
     "GrowthStages",
     "GrownFitResult",
     "fit_grown",

@@ -45,6 +45,7 @@ class _Layer:
     bn: tuple[str, ...] | None = None
 
 
+_ANY_MODEL = "grow_variables (Linen) and grow_module (NNX) grow any model into its wider twin"
 _BLOCK_NAMES = {"Conv_0", "BatchNorm_0", "Conv_1", "BatchNorm_1", "proj", "proj_bn"}
 
 
@@ -103,13 +104,14 @@ def _graph(params: dict) -> list[_Layer]:
     if "head" not in names:
         raise ValueError(
             "variables: no 'head' layer; grow needs the naming contract of optax_multirate.models"
+            f" ({_ANY_MODEL})"
         )
     layers.append(_Layer(("head",), cur, ""))
     stray = sorted(names - known)
     if stray:
         raise ValueError(
             f"variables: params {stray!r} do not follow the naming contract of "
-            "optax_multirate.models (see its module docstring)"
+            f"optax_multirate.models (see its module docstring; {_ANY_MODEL})"
         )
     return layers
 
@@ -201,8 +203,8 @@ def _check_shapes(old_tree: dict, new_tree: dict, name: str) -> dict[str, tuple]
         )
         if bad:
             raise ValueError(
-                f"next_shapes: {name}/{path} goes from {a} to {b}; growth may only "
-                "enlarge the last axis (and the input axis of a kernel)"
+                f"next_shapes: {name}/{path} goes from {a} to {b}; grow may only "
+                f"enlarge the last axis (and the input axis of a kernel); {_ANY_MODEL}"
             )
     return new_shapes
 
