@@ -13,9 +13,12 @@ from optax_multirate.growing import (
     GrowthStages,
     fit_grown,
     grow,
+    grow_module,
+    grow_variables,
     growth_lr_adaptation,
 )
 from optax_multirate.labels import (
+    StackedDepth,
     check_labels,
     depth_labels,
     random_labels,
@@ -110,6 +113,7 @@ __all__ = [
     "phases",
     "train",
     # labels
+    "StackedDepth",
     "check_labels",
     "depth_labels",
     "random_labels",
@@ -181,6 +185,8 @@ __all__ = [
     "GrowthStages",
     "fit_grown",
     "grow",
+    "grow_module",
+    "grow_variables",
     "growth_lr_adaptation",
     "TRANSFORMATIONS",
 ]

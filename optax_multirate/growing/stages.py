@@ -19,19 +19,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from optax_multirate import _checks
+from optax_multirate import models as models_lib
 from optax_multirate import train as train_lib
 from optax_multirate.data import Split, batches
+from optax_multirate.growing.generic import grow_module, grow_variables
 from optax_multirate.growing.schedule import GrowthSchedule
 from optax_multirate.growing.widen import grow
+from optax_multirate.train import model as model_lib
+from optax_multirate.train import nnx_support
 
 __all__ = ["GrowthStages", "GrownFitResult", "fit_grown"]
 
 
+#: The library's models, grown by :func:`grow`; any other model by :func:`grow_variables` or
+#: :func:`grow_module` (which take these of ``grow_kwargs``).
+_LIBRARY = (models_lib.MLP, models_lib.CNN, models_lib.ResNet)
+_GENERIC_KWARGS = ("rescale", "momentum", "pairing", "bn_epsilon")
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_logits(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
-    return model.apply(variables, x, train=False)
+def _eval_logits(runner: Any, params: Any, model_state: Any, x: jax.Array) -> jax.Array:
+    return runner.apply(params, model_state, x, train=False)[0]
 
 
 class GrowthStages(train_lib.Callback):
@@ -39,33 +50,42 @@ class GrowthStages(train_lib.Callback):
 
     The run starts with ``model_fn(schedule.widths[0])`` and the loop's step for it. Before
     the first epoch of stage ``s`` it grows ``(params, model_state, opt_state)`` to stage
-    ``s``'s shapes with :func:`grow` (key ``fold_in(fold_in(PRNGKey(seed), 0x6E0), s)``,
-    the optimizer given as ``loop.tx``), adds the growth's time to the train time, and sets
+    ``s``'s shapes (key ``fold_in(fold_in(PRNGKey(seed), 0x6E0), s)``, the optimizer given
+    as ``loop.tx``): the library's models with :func:`grow`, any other Linen model with
+    :func:`grow_variables` into ``model_fn``'s wider twin, an NNX model with
+    :func:`grow_module` (the stage's module receives the grown values). It adds the growth's
+    time to the train time, and sets
     ``loop.model`` and ``loop.step`` to stage ``s``'s (one step per stage model, kept in
     ``step_cache``, so each stage compiles once). It also writes ``stage`` (and
     ``lra_ratios`` when the optimizer holds a :func:`growth_lr_adaptation` state) into each
     epoch's row, and records per stage what :class:`GrownFitResult` reports.
 
     Args:
-      model_fn: ``widths -> Flax model``.
+      model_fn: ``widths -> Flax model`` (Linen or NNX; any model whose wider twin has the
+        same parameter tree).
       schedule: the stages' widths and epochs; ``fit``'s ``epochs`` should be
         ``schedule.total_epochs``.
       probe: inputs whose eval-mode logits are compared across each growth (and whose first
         example traces each stage's shapes).
-      grow_kwargs: keyword arguments for :func:`grow`.
+      grow_kwargs: keyword arguments for :func:`grow` (for another model, those
+        :func:`grow_variables` takes: ``rescale``, ``momentum``, ``pairing``, ``bn_epsilon``).
       dispatch: the dispatch of the steps it builds (see
         :class:`~optax_multirate.phases.PhasedStep`).
-      step_cache: ``{(stage model, tx, dispatch): TrainStep}`` to reuse compiled steps across
-        runs (a fresh dict when None).
+      step_cache: ``{(stage model, tx, dispatch, loss, call): TrainStep}`` to reuse compiled
+        steps across runs (a fresh dict when None).
       flops_batch: ``epoch -> batch``; when given, the compiled FLOPs of each stage's step on
         the batch of its first epoch are recorded (compiling that stage's first program).
+      loss: the loss of the steps it builds (see :func:`~optax_multirate.train.fit`).
+      call: how the model is told train or eval mode (see :func:`~optax_multirate.train.fit`).
 
     Attributes:
       growths, num_compiles, steps_per_stage, step_times_ms, flops_per_step,
       compile_time_s: what :class:`GrownFitResult` reports, filled during the run.
 
     Raises:
-      ValueError: when the run does not start at epoch 0, or what :func:`grow` raises.
+      TypeError: for a bad ``loss`` or ``call``.
+      ValueError: when the run does not start at epoch 0, for ``grow_kwargs`` that only
+        :func:`grow` takes given for another model, or what the growth raises.
     """
 
     def __init__(
@@ -78,6 +98,8 @@ class GrowthStages(train_lib.Callback):
         dispatch: str = "host",
         step_cache: dict[Any, train_lib.TrainStep] | None = None,
         flops_batch: Callable[[int], Any] | None = None,
+        loss: model_lib.Loss | None = None,
+        call: model_lib.Call = "train",
     ):
         self.model_fn = _checks.check_callable("model_fn", model_fn)
         if not isinstance(schedule, GrowthSchedule):
@@ -88,23 +110,36 @@ class GrowthStages(train_lib.Callback):
         self.dispatch = dispatch
         self.step_cache = {} if step_cache is None else step_cache
         self.flops_batch = _checks.check_callable("flops_batch", flops_batch, optional=True)
+        self.loss, self.call = model_lib.check_loss(loss), model_lib.check_call(call)
         self.models = [model_fn(w) for w in schedule.widths]
+        self.runners = [model_lib.flax_model(m, self.call) for m in self.models]
         self.starts = (0, *schedule.boundaries)  # first epoch of each stage
 
-    def step_for(self, model: nn.Module, tx: optax.GradientTransformation) -> train_lib.TrainStep:
+    def step_for(self, model: Any, tx: optax.GradientTransformation) -> train_lib.TrainStep:
         """The (cached) train step of one stage's model."""
-        key = (model, tx, self.dispatch)
+        key = (model, tx, self.dispatch, self.loss, self.call)
         if key not in self.step_cache:
-            self.step_cache[key] = train_lib.make_train_step(model, tx, dispatch=self.dispatch)
+            self.step_cache[key] = train_lib.make_train_step(
+                model, tx, dispatch=self.dispatch, loss=self.loss, call=self.call
+            )
         return self.step_cache[key]
 
     def on_train_begin(self, loop: train_lib.Loop) -> None:
         if loop.state.epoch != 0:
             raise ValueError(f"GrowthStages starts a run at epoch 0, got {loop.state.epoch}")
         key, x = jax.random.PRNGKey(0), self.probe[:1]
-        self.shapes = [  # each stage's variable shapes, traced once before training
-            jax.eval_shape(functools.partial(m.init, train=False), key, x) for m in self.models
-        ]
+        eval_kwargs = model_lib.call_kwargs(self.call, False)
+        self.shapes = [  # each Linen stage's variable shapes, traced once before training
+            None if nnx_support.is_nnx(m) else
+            jax.eval_shape(functools.partial(m.init, **eval_kwargs), key, x)
+            for m in self.models
+        ]  # fmt: skip
+        other = sorted(set(self.grow_kwargs) - set(_GENERIC_KWARGS))
+        if other and not all(isinstance(m, _LIBRARY) for m in self.models):
+            raise ValueError(
+                f"grow_kwargs {other!r} apply to the library's models only; another model "
+                f"takes {list(_GENERIC_KWARGS)!r}"
+            )
         self.key = jax.random.fold_in(jax.random.PRNGKey(loop.seed), 0x6E0)
         self.stage = 0
         self.growths: list[dict[str, float]] = []
@@ -135,20 +170,36 @@ class GrowthStages(train_lib.Callback):
 
     def _grow(self, loop: train_lib.Loop) -> None:
         s, stage = loop.state, self.stage
-        before = _eval_logits(loop.model, {"params": s.params, **s.model_state}, self.probe)
+        before = _eval_logits(self.runners[stage - 1], s.params, s.model_state, self.probe)
         t0 = time.perf_counter()
-        variables, s.opt_state = grow(
-            {"params": s.params, **s.model_state}, s.opt_state, stage - 1,
-            key=jax.random.fold_in(self.key, stage), next_shapes=self.shapes[stage],
-            optimizer=loop.tx, num_stages=self.schedule.num_stages, **self.grow_kwargs,
-        )  # fmt: skip
-        s.params = variables.pop("params")
-        s.model_state = variables
+        kw = dict(optimizer=loop.tx, num_stages=self.schedule.num_stages,
+                  key=jax.random.fold_in(self.key, stage), **self.grow_kwargs)  # fmt: skip
+        old, new = loop.model, self.models[stage]
+        if isinstance(old, _LIBRARY):
+            variables, s.opt_state = grow(
+                {"params": s.params, **s.model_state}, s.opt_state, stage - 1,
+                next_shapes=self.shapes[stage], **kw,
+            )  # fmt: skip
+            s.params = variables.pop("params")
+            s.model_state = variables
+        elif nnx_support.is_nnx(old):
+            old = nnx.clone(old)
+            nnx.update(old, s.params, s.model_state)
+            s.opt_state = grow_module(old, new, self.probe[:1], opt_state=s.opt_state,
+                                      stage=stage - 1, **self._eval_kwargs(), **kw)  # fmt: skip
+            s.params, s.model_state = nnx_support.split(new)[1:]
+        else:
+            variables, s.opt_state = grow_variables(
+                old, {"params": s.params, **s.model_state}, self.shapes[stage], self.probe[:1],
+                opt_state=s.opt_state, stage=stage - 1, **self._eval_kwargs(), **kw,
+            )  # fmt: skip
+            s.params = variables.pop("params")
+            s.model_state = variables
         jax.block_until_ready((s.params, s.opt_state))
         grow_time = time.perf_counter() - t0
         s.train_time_s += grow_time
-        loop.model = self.models[stage]
-        after = _eval_logits(loop.model, {"params": s.params, **s.model_state}, self.probe)
+        loop.model = new
+        after = _eval_logits(self.runners[stage], s.params, s.model_state, self.probe)
         self.growths.append(
             {
                 "stage": stage,
@@ -160,6 +211,12 @@ class GrowthStages(train_lib.Callback):
                 "max_logit": float(jnp.max(jnp.abs(before))),
             }
         )
+
+    def _eval_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of an eval-mode call (an NNX module in ``.eval()``: none)."""
+        if self.call == "train" and nnx_support.is_nnx(self.models[0]):
+            return {}
+        return model_lib.call_kwargs(self.call, False)
 
     def _open_stage(self, loop: train_lib.Loop) -> None:
         step = loop.step = self.step_for(loop.model, loop.tx)
@@ -251,6 +308,8 @@ def fit_grown(
     probe_size: int = 256,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     step_cache: dict[Any, Any] | None = None,
+    loss: model_lib.Loss | None = None,
+    call: model_lib.Call = "train",
 ) -> GrownFitResult:
     """Runs a whole grown training: each stage trains, then :func:`grow` maps to the next.
 
@@ -262,7 +321,9 @@ def fit_grown(
     state carries over through ``grow``, so schedules continue across stages.
 
     Args:
-      model_fn: ``widths -> Flax model`` (e.g. ``lambda w: CNN(features=w, batch_norm=True)``).
+      model_fn: ``widths -> Flax model`` (e.g. ``lambda w: CNN(features=w, batch_norm=True)``;
+        any Linen or NNX model whose wider twin has the same parameter tree, see
+        :class:`GrowthStages`).
       tx: the optimizer (e.g. a chain ending with :func:`growth_lr_adaptation`).
       train: training split.
       test: test split, evaluated after every epoch.
@@ -276,7 +337,11 @@ def fit_grown(
       on_epoch_end: ``callback(epoch, history_row)`` after each epoch's evaluation.
       step_cache: a dict kept by the caller to reuse the compiled train steps across calls
         with the same ``tx`` (e.g. the seeds of one benchmark arm), keyed by
-        ``(stage model, tx, dispatch)``; ``num_compiles`` then counts this call's compiles.
+        ``(stage model, tx, dispatch, loss, call)``; ``num_compiles`` then counts this call's
+        compiles.
+      loss: the train loss (see :func:`~optax_multirate.train.fit`); the test split reports
+        its metrics.
+      call: how the model is told train or eval mode (see :func:`~optax_multirate.train.fit`).
 
     Returns:
       A :class:`GrownFitResult`.
@@ -301,7 +366,7 @@ def fit_grown(
         flops_batch = lambda e: next(batches(train, batch_size, seed=seed, epoch=e))  # noqa: E731
     stages = GrowthStages(
         model_fn, schedule, probe=test.x[:probe_size], grow_kwargs=grow_kwargs,
-        dispatch=dispatch, step_cache=step_cache, flops_batch=flops_batch,
+        dispatch=dispatch, step_cache=step_cache, flops_batch=flops_batch, loss=loss, call=call,
     )  # fmt: skip
     model = stages.models[0]
     callbacks = [train_lib.Evaluate({"test": test}), stages]
