@@ -89,6 +89,9 @@ class Analysis:
 
 
 class Streams:
+    """The streams of one analysis (a union-find over grown axes) and the walk of a jaxpr;
+    the rule of each primitive is in ``_rules.Walker``."""
+
     def __init__(self, names: Sequence[str], params: Sequence[bool], old, new):
         self.names, self.params = list(names), list(params)
         self.parent: list[int] = []
