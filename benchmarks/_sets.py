@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from benchmarks import harness, protocol
+from benchmarks import protocol
 from benchmarks.batched import run_batched
 from optax_multirate.data import Split, load_dataset, validation_split
 from optax_multirate.models import max_pool_2x2
@@ -36,7 +36,6 @@ __all__ = [
     "select",
     "put_delta",
     "fill_skipped",
-    "selection_table",
     "on_axis",
 ]
 
@@ -203,15 +202,7 @@ class Trainer:
 
     def final(self, key: Hashable, make: Callable, seed: int, test: Split, **kw) -> dict:
         """A final run's figures: test accuracy after every epoch, times, training loss."""
-        res = self.run(key, make, seed, {"test": test}, **kw)
-        return {
-            "final_accuracy": res.final_accuracy,
-            "train_time_s": res.train_time_s,
-            "compile_time_s": res.compile_time_s,
-            "step_time_ms": harness.median_ms(res.step_times_ms.get("full", [])),
-            "steps": res.steps,
-            "history": res.history,
-        }
+        return protocol.run_record(self.run(key, make, seed, {"test": test}, **kw))
 
     def step(self, key: Hashable) -> Any:
         """The :class:`~optax_multirate.train.TrainStep` of ``key`` (after a run of it)."""
@@ -268,23 +259,6 @@ def fill_skipped(summary: dict[str, Any], ran: Sequence[str]) -> None:
     for name, prefix in PREFIX.items():
         if name not in ran:
             summary.update(dict.fromkeys(prefix + k for k in keys))
-
-
-def selection_table(selection: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Markdown rows of every arm's selection: each configuration, its validation accuracy
-    per seed and its score (``diverged`` where it diverged), the chosen one in bold."""
-    lines = ["| arm | configuration | validation accuracy per seed | score |",
-             "| --- | --- | --- | ---: |"]  # fmt: skip
-    for arm, rec in selection.items():
-        if "inherits" in rec:
-            lines.append(f"| {arm} | inherits {rec['inherits']}: {rec['chosen']} | | |")
-            continue
-        for config, accs, score in zip(rec["grid"], rec["val_accuracy"], rec["scores"]):
-            mark = "**" if config == rec["chosen"] else ""
-            per_seed = " / ".join(f"{a:.4f}" for a in accs)
-            value = "diverged" if score is None else f"{score:.4f}"
-            lines.append(f"| {arm} | {mark}{config}{mark} | {per_seed} | {mark}{value}{mark} |")
-    return lines
 
 
 class on_axis:  # noqa: N801 - used like a function

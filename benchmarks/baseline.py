@@ -120,14 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   batch_size=batch_size, seed=seed, callbacks=[Evaluate({"test": test}),
                   ProgressBar(f"baseline seed {seed}")])  # fmt: skip
         all_step_ms.extend(res.step_times_ms.get("full", []))
-        return {
-            "final_accuracy": res.final_accuracy,
-            "train_time_s": res.train_time_s,
-            "compile_time_s": res.compile_time_s,
-            "step_time_ms": harness.median_ms(res.step_times_ms.get("full", [])),
-            "steps": res.steps,
-            "history": res.history,
-        }
+        return protocol.run_record(res)
 
     runs = protocol.final_runs({"baseline": final}, selection, splits.test,
                                num_classes=data.num_classes, seeds=seeds)  # fmt: skip
@@ -213,26 +206,16 @@ def _table(
     epochs: int,
     batch_size: int,
 ) -> str:
-    scores = [
-        f"| {c['learning_rate']:g} | "
-        + " / ".join(f"{a:.4f}" for a in accs)
-        + f" | {_f(score, '.4f')}"
-        + (" (diverged)" if score is None else "")
-        + (" **chosen**" if c == record["chosen"] else "")
-        + " |"
-        for c, accs, score in zip(record["grid"], record["val_accuracy"], record["scores"])
-    ]
     low, high = protocol.t_interval([r["final_accuracy"] for r in runs])
     interval = "n/a" if low is None else f"[{low:.4f}, {high:.4f}]"
     steps = runs[0]["steps"] // epochs if runs else "n/a"
     return "\n".join(
         [
             f"**Selection** ({record['configs_tried']} peak step sizes, final-epoch validation "
-            f"accuracy on seeds {' / '.join(map(str, record['seeds']))}):",
+            f"accuracy on seeds {' / '.join(map(str, record['seeds']))}, the score their mean; "
+            "the chosen one in bold):",
             "",
-            "| peak step size | validation accuracy per seed | mean |",
-            "| ---: | ---: | ---: |",
-            *scores,
+            protocol.selection_table({"baseline": record}),
             "",
             "**Final runs** (test split, the chosen step size):",
             "",

@@ -408,17 +408,13 @@ def run_arm(
     res = fit(model, tx, setup.train, epochs=setup.plan.epochs, seed=seed, batch_size=BATCH_SIZE,
               step=stages.step_for(model, tx), callbacks=callbacks)  # fmt: skip
     return {
-        "final_accuracy": res.final_accuracy,
-        "train_time_s": res.train_time_s,
-        "compile_time_s": res.compile_time_s,
-        "steps": res.steps,
+        **protocol.run_record(res, step_times=None),
         "num_compiles": stages.num_compiles,
         "steps_per_stage": stages.steps_per_stage,
         "step_ms_per_stage": [harness.median_ms(t) for t in stages.step_times_ms],
         "flops_per_step": stages.flops_per_step or None,
         "grow_time_s": sum(g["grow_time_s"] for g in stages.growths),
         "growths": stages.growths,
-        "history": res.history,
     }
 
 
@@ -743,20 +739,13 @@ def _table(
         lines.append(f"| {variant} | {c10} | {c100} | {ours} ({len(acc)} seeds) |")
     lines += [
         "",
-        "**Selection** (mean final-epoch validation accuracy over the selection seeds "
-        f"{list(protocol.SELECTION_SEEDS)}; `diverged` where a seed diverged; * chosen):",
+        "**Selection** (final-epoch validation accuracy on the selection seeds "
+        f"{list(protocol.SELECTION_SEEDS)}, the score their mean; `diverged` where a seed "
+        f"diverged; the chosen configuration in bold; the ablations ({', '.join(ABLATIONS)}) "
+        "inherit `grown`'s choice):",
         "",
-        "| arm | peak step size | score |",
-        "| --- | ---: | ---: |",
+        protocol.selection_table(selection),
     ]
-    for arm, rec in selection.items():
-        if "inherits" in rec:
-            continue
-        for config, score in zip(rec["grid"], rec["scores"]):
-            star = " *" if config == rec["chosen"] else ""
-            lines.append(f"| {arm} | {config['learning_rate']:g}{star} | "
-                         f"{'diverged' if score is None else format(score, '.4f')} |")  # fmt: skip
-    lines.append(f"\nThe ablations ({', '.join(ABLATIONS)}) inherit `grown`'s choice.")
     return "\n".join(lines)
 
 

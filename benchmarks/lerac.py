@@ -333,7 +333,7 @@ def table(sets: Sequence[_Set], selection: Mapping[str, Any], s: Mapping[str, An
         "Selection (final-epoch validation accuracy on the two selection seeds, the score "
         "their mean; `lerac` inherits `sgd`'s rate, the chosen configuration in bold):",
         "",
-        *_sets.selection_table(selection),
+        protocol.selection_table(selection),
     ]
     lines += [
         "",

@@ -193,15 +193,6 @@ def _batched(
 # -------------------------------------------------------------------------------- final runs
 
 
-def _figures(res: Any) -> Run:
-    return {
-        "train_time_s": res.train_time_s,
-        "compile_time_s": res.compile_time_s,
-        "steps": res.steps,
-        "history": res.history,
-    }
-
-
 def _subgroups_part(data: Dataset, grids: Mapping[str, list], seeds: list[int], *,
                     epochs: int) -> tuple[dict, list[Run], dict, dict]:  # fmt: skip
     """Random subgroups vs SGD and SGD + dropout: selection records, runs, checks, splits."""
@@ -305,11 +296,10 @@ def _overfit_check(
 def _final_row(res: Any) -> Run:
     last = res.history[-1]
     return {
-        "final_accuracy": res.final_accuracy,
+        **protocol.run_record(res, step_times=None),
         "test_loss": last["test_loss"],
         "train_eval_accuracy": last["train_eval_accuracy"],
         "train_eval_loss": last["train_eval_loss"],
-        **_figures(res),
     }
 
 
@@ -348,9 +338,8 @@ def _timescales_part(data: Dataset, grids: Mapping[str, list], seeds: list[int],
                       step=step, callbacks=[Evaluate(tests)])  # fmt: skip
             last = res.history[-1]
             return {
-                "final_accuracy": res.final_accuracy,
+                **protocol.run_record(res, step_times=None),
                 **{f"{name}_accuracy": last[f"{name}_accuracy"] for name in TEST_SETS},
-                **_figures(res),
             }
 
         return run
@@ -555,23 +544,6 @@ def _ci(s: Mapping[str, Any], key: str, spec: str = "+.2f") -> str:
     return f"{_f(s[key], spec)}{interval}"
 
 
-def _selection_table(selection: Mapping[str, Mapping[str, Any]], arms: Sequence[str]) -> list:
-    rows = [
-        "| arm | configuration | validation accuracy per seed | mean |",
-        "| --- | --- | ---: | ---: |",
-    ]
-    for arm in arms:
-        rec = selection[arm]
-        for i, (c, accs, score) in enumerate(zip(rec["grid"], rec["val_accuracy"], rec["scores"])):
-            mark = " **chosen**" if c == rec["chosen"] else (" (diverged)" if score is None else "")
-            conf = ", ".join(f"{k} {v:g}" for k, v in c.items())
-            rows.append(
-                f"| {arm if i == 0 else ''} | {conf} | {' / '.join(f'{a:.4f}' for a in accs)} "
-                f"| {_f(score, '.4f')}{mark} |"
-            )
-    return rows
-
-
 def _table(runs, s, selection, seeds, sg_epochs, ts_epochs) -> str:
     sg = [r for r in runs if r["part"] == "subgroups"]
     ts = [r for r in runs if r["part"] == "timescales"]
@@ -583,14 +555,15 @@ def _table(runs, s, selection, seeds, sg_epochs, ts_epochs) -> str:
     rows = [
         f"Every arm selects from its own grid of {s['configs_tried']} configurations, scored by "
         f"final-epoch validation accuracy on seeds {' / '.join(map(str, protocol.SELECTION_SEEDS))}"
-        f"; the chosen configuration then runs on {len(seeds)} paired final seeds (test split). "
+        " (their mean; `diverged` where a seed diverged); the chosen configuration (in bold in "
+        f"the selection tables) then runs on {len(seeds)} paired final seeds (test split). "
         "Intervals are 95% t-intervals of the paired per-seed deltas. Diverged: a non-finite "
         "loss or a last-epoch training loss at or above 0.9 ln 10.",
         "",
         f"**Random subgroups** ({SG_DATASET}, MLP {HIDDEN}, batch {SG_BATCH_SIZE}, {sg_epochs} "
         f"epochs; subgroups k = {SG_K}). Selection:",
         "",
-        *_selection_table(selection, ("sgd", "sgd_dropout", "subgroups")),
+        protocol.selection_table(selection, arms=("sgd", "sgd_dropout", "subgroups")),
         "",
         "Overfitting check (before the final runs; SGD's chosen step size, selection seeds): "
         f"train accuracy {_f(s.get('overfit_validation_train_accuracy'), '.4f')}, validation "
@@ -627,7 +600,7 @@ def _table(runs, s, selection, seeds, sg_epochs, ts_epochs) -> str:
         f"timescales multipliers (1, {TS_RATIO}), its fast step h selected). Selection (on the "
         "validation split of the patched training mix):",
         "",
-        *_selection_table(selection, ("ts_sgd", "timescales")),
+        protocol.selection_table(selection, arms=("ts_sgd", "timescales")),
         "",
         "| arm | chosen | clean | patch only | image + patch | diverged |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

@@ -195,15 +195,7 @@ class Bench:
             res = fit(self.model, tx, data, epochs=epochs, seed=seed,
                       step=make_train_step(self.model, tx, dispatch=dispatch),
                       callbacks=[Evaluate({"test": test})])  # fmt: skip
-            return {
-                "final_accuracy": res.final_accuracy,
-                "train_time_s": res.train_time_s,
-                "compile_time_s": res.compile_time_s,
-                "steps": res.steps,
-                "step_time_ms": {k: harness.median_ms(v) for k, v in res.step_times_ms.items()},
-                "steps_per_mask": {k: len(v) for k, v in res.step_times_ms.items()},
-                "history": res.history,
-            }
+            return protocol.run_record(res, step_times="per_mask")
 
         return run
 
@@ -594,19 +586,14 @@ def _table(s, selection, runs, best, rule_met, attempts, fast, task, pre, setup)
             f"{MIN_HEAD_ONLY_GAP_PT:g}): {'passed' if a['passed'] else 'failed'}"
             + (f"; next: {a['next']}" if "next" in a else "")
         )  # fmt: skip
-    rows += ["", "Selection (mean final validation accuracy over the two selection seeds, "
-             "`null` where a seed diverged):", ""]  # fmt: skip
-    for arm, rec in selection.items():
-        if "inherits" in rec:
-            rows.append(f"- `{arm}`: inherits `{rec['inherits']}` ({_chosen(rec)})")
-            continue
-        cells = ", ".join(
-            f"{'/'.join(str(v) for k, v in c.items() if k != 'k')}: {_fmt(sc, '.4f')}"
-            for c, sc in zip(rec["grid"], rec["scores"])
-        )
-        keys = "/".join(k for k in rec["grid"][0] if k != "k")
-        rows.append(f"- `{arm}` ({keys}; {rec['steps']} steps): {cells}; chosen {_chosen(rec)}")
+    budgets = ", ".join(f"{arm} {rec['steps']}" for arm, rec in selection.items() if "steps" in rec)
     rows += [
+        "",
+        "Selection (final-epoch validation accuracy on the two selection seeds, the score their "
+        "mean, `diverged` where a seed diverged; the chosen configuration in bold; a multirate "
+        f"arm's k is in its name). Steps of each selection run: {budgets}.",
+        "",
+        protocol.selection_table(selection, hide=("k",)),
         "",
         "Train time excludes compilation and evaluation; `time ratio (with compile)` adds each "
         "run's own compile time. Predicted: (1 + (k - 1) r) / k with r the measured median "

@@ -11,13 +11,13 @@ the one place where that is decided, on top of :mod:`benchmarks.harness`:
   final-epoch validation accuracy (ties to the earlier, more conservative entry; a
   configuration that diverged on any seed is never chosen). :func:`check_equal_budgets` makes
   sure every selected arm tried the same number N of configurations; a control inherits
-  another arm's choice (:func:`inherit`).
+  another arm's choice (:func:`inherit`); :func:`selection_table` shows the records.
 * **Divergence** (:func:`is_diverged`, :func:`diverged_runs`): a non-finite loss, or a last
   epoch's mean training loss at or above ``0.9 * ln(num_classes)``; flagged, never averaged
   in silently.
-* **Final runs and intervals** (:func:`final_runs`, :func:`paired_deltas_pt`,
-  :func:`put_delta`): 10 paired seeds, interleaved seed-major; per-seed deltas in percentage
-  points with a 95% t-interval beside each delta key.
+* **Final runs and intervals** (:func:`final_runs`, :func:`run_record`,
+  :func:`paired_deltas_pt`, :func:`put_delta`): 10 paired seeds, interleaved seed-major;
+  per-seed deltas in percentage points with a 95% t-interval beside each delta key.
 * **Time controls** (:func:`equal_time_budget`, :func:`half_budget`, :func:`fitted_schedule`,
   :func:`time_ratio`, :func:`time_ratio_with_compile`).
 * **A batched runner** for selection (:func:`run_batched`): many small runs at once under
@@ -45,7 +45,7 @@ import contextlib
 import logging
 import math
 import statistics
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -72,6 +72,9 @@ __all__ = [
     "select",
     "inherit",
     "check_equal_budgets",
+    "config_text",
+    "selection_table",
+    "run_record",
     "final_runs",
     "paired_deltas_pt",
     "t_interval",
@@ -434,6 +437,72 @@ def check_equal_budgets(selection: Mapping[str, Mapping[str, Any]]) -> int:
     return next(iter(tried.values()))
 
 
+def config_text(config: Mapping[str, Any] | None, *, hide: Collection[str] = ()) -> str:
+    """A configuration as ``key=value, ...`` for a results table, the keys of ``hide`` left out.
+
+    Examples:
+      >>> config_text({"learning_rate": 0.1, "schedule": "cosine"}, hide=("schedule",))
+      'learning_rate=0.1'
+      >>> config_text(None)
+      '(every configuration diverged)'
+    """
+    if config is None:
+        return "(every configuration diverged)"
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in hide)
+
+
+def selection_table(
+    selection: Mapping[str, Mapping[str, Any]],
+    *,
+    arms: Sequence[str] | None = None,
+    hide: Collection[str] = (),
+) -> str:
+    """The Markdown table of the arms' selection records (:func:`select`, :func:`inherit`).
+
+    One row per configuration of each arm's grid: the configuration (:func:`config_text`),
+    its final-epoch validation accuracy on each selection seed and its score (their mean,
+    ``diverged`` where a seed diverged); the chosen configuration and its score in bold. An
+    arm that inherits gets one row naming its source and the configuration it takes.
+
+    Args:
+      selection: ``{arm: record}``.
+      arms: the arms to show, in this order (default: every arm of ``selection``).
+      hide: configuration keys left out of the table (e.g. one that every config shares).
+
+    Returns:
+      The table's lines joined by newlines (no newline at the end).
+
+    Examples:
+      >>> rec = {"grid": [{"lr": 0.1}, {"lr": 1.0}], "val_accuracy": [[0.9, 0.8], [0.1, 0.1]],
+      ...        "scores": [0.85, None], "chosen": {"lr": 0.1}}
+      >>> print(selection_table({"sgd": rec, "ctl": {"chosen": {"lr": 0.1}, "inherits": "sgd"}}))
+      | arm | configuration | validation accuracy per seed | score |
+      | --- | --- | --- | ---: |
+      | sgd | **lr=0.1** | 0.9000 / 0.8000 | **0.8500** |
+      | sgd | lr=1.0 | 0.1000 / 0.1000 | diverged |
+      | ctl | inherits sgd: lr=0.1 | | |
+    """
+    lines = [
+        "| arm | configuration | validation accuracy per seed | score |",
+        "| --- | --- | --- | ---: |",
+    ]
+    for arm in selection if arms is None else arms:
+        rec = selection[arm]
+        if "inherits" in rec:
+            chosen = config_text(rec["chosen"], hide=hide)
+            lines.append(f"| {arm} | inherits {rec['inherits']}: {chosen} | | |")
+            continue
+        for config, accs, score in zip(rec["grid"], rec["val_accuracy"], rec["scores"]):
+            mark = "**" if config == rec["chosen"] else ""
+            per_seed = " / ".join(f"{a:.4f}" for a in accs)
+            value = "diverged" if score is None else f"{score:.4f}"
+            lines.append(
+                f"| {arm} | {mark}{config_text(config, hide=hide)}{mark} | {per_seed} "
+                f"| {mark}{value}{mark} |"
+            )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------- final runs
 
 
@@ -446,6 +515,53 @@ def _train_losses(run: Mapping[str, Any]) -> list[float]:
         f"final run of arm {run['arm']!r}, seed {run['seed']} returned no training loss "
         "('train_loss' per epoch, or 'history' rows with 'train_loss')"
     )
+
+
+def run_record(result: Any, *, step_times: str | None = "full") -> Run:
+    """The figures of a run, from the :class:`~optax_multirate.train.FitResult` of its ``fit``.
+
+    ``final_accuracy`` (the last ``test_accuracy``, nan without one), ``train_time_s``,
+    ``compile_time_s``, ``steps`` and ``history``, with the step times asked for:
+
+    * ``step_times="full"``: ``step_time_ms``, the median time of the full-gradient steps
+      (nan where there are none);
+    * ``"per_mask"``: ``step_time_ms`` ``{mask name: median}`` and ``steps_per_mask``
+      ``{mask name: timed steps}`` (the steps that compiled are not timed);
+    * ``None``: no step time (the benchmark records its own).
+
+    A benchmark adds its own figures to the dict it returns; :func:`final_runs` adds ``arm``,
+    ``seed``, ``config`` and ``diverged``.
+
+    Raises:
+      ValueError: for another ``step_times``.
+
+    Examples:
+      >>> from types import SimpleNamespace
+      >>> res = SimpleNamespace(final_accuracy=0.9, train_time_s=1.5, compile_time_s=0.5,
+      ...                       steps=4, history=[], step_times_ms={"full": [2.0, 4.0, 9.0]})
+      >>> run_record(res)["step_time_ms"]
+      4.0
+      >>> run_record(res, step_times="per_mask")["steps_per_mask"]
+      {'full': 3}
+      >>> sorted(run_record(res, step_times=None))
+      ['compile_time_s', 'final_accuracy', 'history', 'steps', 'train_time_s']
+    """
+    record: Run = {
+        "final_accuracy": result.final_accuracy,
+        "train_time_s": result.train_time_s,
+        "compile_time_s": result.compile_time_s,
+        "steps": result.steps,
+    }
+    times = result.step_times_ms
+    if step_times == "full":
+        record["step_time_ms"] = harness.median_ms(times.get("full", []))
+    elif step_times == "per_mask":
+        record["step_time_ms"] = {k: harness.median_ms(v) for k, v in times.items()}
+        record["steps_per_mask"] = {k: len(v) for k, v in times.items()}
+    elif step_times is not None:
+        raise ValueError(f"step_times must be 'full', 'per_mask' or None, got {step_times!r}")
+    record["history"] = result.history
+    return record
 
 
 def final_runs(
@@ -465,8 +581,8 @@ def final_runs(
     Args:
       arms: ``{arm: fn(config, seed, test) -> dict of figures}`` with ``final_accuracy``,
         ``train_time_s``, ``compile_time_s``, ``steps`` and the per-epoch training loss
-        (``train_loss``, or ``history`` rows with ``train_loss``); ``test`` is a plain
-        :class:`~optax_multirate.data.Split`.
+        (``train_loss``, or ``history`` rows with ``train_loss``), e.g. :func:`run_record`
+        of its ``fit``; ``test`` is a plain :class:`~optax_multirate.data.Split`.
       selection: the records of :func:`select` / :func:`inherit`, one per arm.
       test: the sealed test split of :func:`three_splits`.
       num_classes: classes of the task, for the divergence flag.

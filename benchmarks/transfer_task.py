@@ -5,7 +5,8 @@ and nothing about how arms are compared (that is :mod:`benchmarks.protocol`):
 
 * **Data** (:func:`make_task`): one MNIST-1D set generated offline by the ``mnist1d``
   package's generator (``make_dataset`` with the package's default arguments, only the number
-  of samples and the seed set), split by class: digits 0-4 are the large source, digits 5-9
+  of samples and the seed set; :func:`optax_multirate.data.mnist1d.generate`, also known here
+  as ``generate_mnist1d``), split by class: digits 0-4 are the large source, digits 5-9
   (relabelled 0-4) the small target, of which only the first ``target_train`` training
   examples are kept. Nothing is downloaded.
 * **Model** (:class:`Conv1DNet`): a 1D CNN (convolutions as a ``Dense`` over the signal's
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +36,7 @@ import optax
 from benchmarks import protocol
 from optax_multirate import _checks
 from optax_multirate.data import Dataset, Split, batches, num_batches
+from optax_multirate.data.mnist1d import generate as generate_mnist1d
 from optax_multirate.labels import rule_labels
 from optax_multirate.multirate import multirate
 from optax_multirate.phases import freeze_schedule
@@ -76,35 +77,6 @@ class TransferTask(NamedTuple):
     source: Dataset
     target: Dataset
     record: dict[str, Any]
-
-
-def generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
-    """MNIST-1D from the ``mnist1d`` generator: its default arguments, ``num_samples`` and ``seed``.
-
-    ``make_dataset`` draws ``num_samples // 10`` signals per digit, shuffles them, standardises
-    the whole set (mean 0, standard deviation 1) and keeps 80% for training. It seeds and draws
-    from the global ``random`` and ``numpy.random`` states; both are restored afterwards.
-
-    Returns:
-      ``{"x", "y", "x_test", "y_test"}``: float32 signals ``(n, 40)`` and int32 labels.
-    """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = _checks.check_int("num_samples", num_samples, low=10)
-    args.seed = _checks.check_int("seed", seed, low=0)
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    return {
-        "x": np.asarray(data["x"], np.float32),
-        "y": np.asarray(data["y"], np.int32),
-        "x_test": np.asarray(data["x_test"], np.float32),
-        "y_test": np.asarray(data["y_test"], np.int32),
-    }
 
 
 def _classes(x: np.ndarray, y: np.ndarray, classes: Sequence[int], n: int | None = None) -> Split:

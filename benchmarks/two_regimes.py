@@ -299,7 +299,7 @@ def table(sets: Sequence[_Set], selection: Mapping[str, Any], s: Mapping[str, An
         "their mean; the controls inherit two_regimes' choice, the chosen configuration in "
         "bold):",
         "",
-        *_sets.selection_table(selection),
+        protocol.selection_table(selection),
     ]
     return "\n".join(lines)
 

@@ -288,14 +288,10 @@ def fit_run(
     last = res.history[-1]
     window_ms = [t for k, ts in res.step_times_ms.items() if k != "full" for t in ts]
     out: dict[str, Any] = {
-        "final_accuracy": float(last.get("test_accuracy", math.nan)),
-        "train_time_s": res.train_time_s,
-        "compile_time_s": res.compile_time_s,
-        "steps": res.steps,
+        **protocol.run_record(res, step_times=None),  # final_accuracy: the last test_accuracy
         "num_compiles": res.num_compiles,
         "median_full_step_ms": _median(res.step_times_ms.get("full", [])),
         "median_window_step_ms": _median(window_ms),
-        "history": res.history,
     }
     if "val_accuracy" in last:
         out["val_accuracy"] = float(last["val_accuracy"])
@@ -706,9 +702,7 @@ def _ci(s: Mapping[str, Any], key: str) -> str:
 
 
 def _short(config: Mapping[str, Any] | None) -> str:
-    if config is None:
-        return "(every configuration diverged)"
-    return ", ".join(f"{k}={v}" for k, v in config.items() if k != "schedule")
+    return protocol.config_text(config, hide=("schedule",))
 
 
 ARM_ROWS = (  # arm, delta key against the baseline, time-ratio prefix, what it is
@@ -819,20 +813,12 @@ def _table(
         f"`equal_time_accuracy_delta_pt` >= 0): "
         f"{'reached' if s['goal_reached'] else 'NOT reached'}.",
         "",
-        "**Selection** (mean final-epoch validation accuracy over the selection seeds "
-        f"{list(protocol.SELECTION_SEEDS)}; `diverged` where a seed diverged; * chosen):",
+        "**Selection** (final-epoch validation accuracy on the selection seeds "
+        f"{list(protocol.SELECTION_SEEDS)}, the score their mean; `diverged` where a seed "
+        "diverged; the chosen configuration in bold):",
         "",
-        "| arm | configuration | score |",
-        "| --- | --- | ---: |",
+        protocol.selection_table(selection, hide=("schedule",)),
     ]
-    for arm, rec in selection.items():
-        if "inherits" in rec:
-            lines.append(f"| {arm} | inherits {rec['inherits']}'s: {_short(rec['chosen'])} | |")
-            continue
-        for config, score in zip(rec["grid"], rec["scores"]):
-            star = " *" if config == rec["chosen"] else ""
-            shown = "diverged" if score is None else f"{score:.4f}"
-            lines.append(f"| {arm} | {_short(config)}{star} | {shown} |")
     return "\n".join(lines)
 
 

@@ -140,6 +140,28 @@ def test_mnist1d_build_keeps_global_random_state() -> None:
     np.testing.assert_array_equal(np.random.get_state()[1], state)
 
 
+def test_mnist1d_generate_keeps_random_states_and_needs_no_tfds() -> None:
+    code = (
+        "import random, sys, numpy as np\n"
+        "from optax_multirate.data import mnist1d\n"
+        "loaded = 'mnist1d' in sys.modules\n"
+        "np.random.seed(5); random.seed(5)\n"
+        "np_state, py_state = np.random.get_state()[1].copy(), random.getstate()\n"
+        "a, b = mnist1d.generate(100, 3), mnist1d.generate(100, 3)\n"
+        "kept = bool((np.random.get_state()[1] == np_state).all())\n"
+        "kept = kept and random.getstate() == py_state\n"
+        "same = all(np.array_equal(a[k], b[k]) for k in a)\n"
+        "print(loaded, kept, same, 'tensorflow_datasets' in sys.modules, sorted(a),\n"
+        "      a['x'].shape, a['x'].dtype, a['y'].dtype, a['x_test'].shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=4) == [
+        "False", "True", "True", "False",
+        "['x', 'x_test', 'y', 'y_test'] (80, 40) float32 int32 (20, 40)\n",
+    ]
+
+
 def test_data_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.delenv(data.DATA_DIR_ENV_VAR, raising=False)
     assert data.resolve_data_dir() == data.default_data_dir()

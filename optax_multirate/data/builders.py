@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import pathlib
-import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from optax_multirate.data.mnist1d import generate as generate_mnist1d
 
 __all__ = [
     "BUILDERS",
@@ -63,6 +64,9 @@ SPLIT_SEED = 0
 
 MNIST1D_SEED = 42
 """Seed passed to ``mnist1d.data.make_dataset`` (the package's default seed)."""
+
+MNIST1D_NUM_SAMPLES = 5000
+"""Signals generated for ``mnist1d`` (the package's default ``num_samples``)."""
 
 _FILE_FORMAT = "array_record"
 
@@ -251,25 +255,17 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _make_mnist1d() -> dict[str, np.ndarray]:
     """Generates MNIST-1D with the package defaults and seed :data:`MNIST1D_SEED`.
 
-    ``make_dataset`` seeds and draws from the global ``random`` and ``numpy.random`` states; both
-    are restored afterwards so that building has no side effect on the caller's randomness.
+    Through :func:`optax_multirate.data.mnist1d.generate`, which restores the global
+    ``random`` and ``numpy.random`` states, so that building has no side effect on the caller's
+    randomness.
 
     Returns:
-        The ``make_dataset`` dictionary (``x``, ``y``, ``x_test``, ``y_test``, ...).
+        ``{"x", "y", "x_test", "y_test"}``: float32 signals and int32 labels.
 
     Raises:
         ValueError: If the generated split sizes are not 4,000 / 1,000.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.seed = MNIST1D_SEED
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    data = generate_mnist1d(MNIST1D_NUM_SAMPLES, MNIST1D_SEED)
     if (len(data["y"]), len(data["y_test"])) != (4000, 1000):
         raise ValueError("mnist1d defaults changed: expected 4,000 train / 1,000 test examples")
     return data
