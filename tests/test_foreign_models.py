@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -476,20 +475,3 @@ def test_lerac_nnx_scan_stack_through_nnx_optimizer():
 
 
 # ----------------------------------------------------------------------------- docs examples
-
-
-def _section(page: str, heading: str) -> str:
-    """The Python code blocks of one section of a docs page, joined."""
-    text = (ROOT / "docs" / page).read_text()
-    start = text.index(heading)
-    nxt = re.search(r"\n#{1,3} ", text[start + len(heading) :])
-    body = text[start : start + len(heading) + (nxt.start() if nxt else len(text))]
-    return "\n".join(re.findall(r"```python\n(.*?)```", body, re.S))
-
-
-def test_docs_scanned_stacks_example_runs():
-    """docs/lerac.md, "Scanned stacks" (the growing page's "Growing your own model" runs in
-    tests/test_growing.py)."""
-    code = _section("lerac.md", "### Scanned stacks")
-    assert code
-    exec(compile(code, "docs/lerac.md", "exec"), {})

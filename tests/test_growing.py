@@ -1,8 +1,6 @@
 """Tests for optax_multirate.growing: schedule, function-preserving growth, grown state, LRA."""
 
 import functools
-import pathlib
-import re
 
 import flax.linen as nn
 import jax
@@ -516,16 +514,6 @@ def test_grow_variables_errors():
         grow_variables(m0, v, v1, x, rescale="measured_old")
     with pytest.raises(ValueError, match="naming contract.*grow_variables"):
         grow(v, None, 0, key=KEY, next_shapes=jax.eval_shape(m1.init, KEY, x))
-
-
-def test_docs_growing_your_own_model_runs():
-    """The code of docs/growing.md, "Growing your own model" (Linen and NNX)."""
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "growing.md").read_text()
-    start = text.index("### Growing your own model")
-    section = text[start : text.index("\n## ", start)]
-    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
-    assert "grow_variables" in code and "grow_module" in code
-    exec(compile(code, "docs/growing.md", "exec"), {})
 
 
 # ------------------------------------------------------------------------------------- LRA

@@ -3,7 +3,6 @@ phased step (same numbers), the phased step's masks, ``fit`` with evaluation, ch
 bitwise resume, and the examples of ``docs/nnx.md``."""
 
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -269,20 +268,6 @@ def test_fit_builds_its_own_step_and_refuses_a_foreign_model():
 
 
 # --------------------------------------------------------------------------- docs/nnx.md
-
-
-def test_docs_nnx_page_runs():
-    """Every code block of docs/nnx.md, in order, in one namespace."""
-    text = (ROOT / "docs" / "nnx.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 4
-    ns: dict = {}
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"docs/nnx.md, block {i + 1}", "exec"), ns)
-    assert sorted(ns["methods"]) == sorted(om.TRANSFORMATIONS)
-    assert [om.train.mask_name(m) for m in ns["step"].phased.masks] == ["full", "phase:2/8"]
-    assert sorted(ns["result"].masks) == ["full", "phase:2/8"] and ns["more"].steps == 12
-    assert 0.0 <= ns["metrics"]["accuracy"] <= 1.0
 
 
 def test_step_cost_cnn_is_the_same_model_in_linen_and_nnx():
