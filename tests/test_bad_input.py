@@ -935,10 +935,6 @@ INT_FACTORIES: dict[str, tuple[Callable[..., Any], dict[str, tuple[int, str]]]] 
             "hi": (2, "max_large_steps"),
         },
     ),
-    "growth_lr_adaptation": (
-        lambda num_stages: optax.chain(SGD, om.growth_lr_adaptation(num_stages)),
-        {"num_stages": (2, "num_stages")},
-    ),
 }
 OPTIONAL_INTS = {  # None is a valid value of these
     ("freeze_schedule", "stop"),
