@@ -2,7 +2,8 @@
 
 Reads every ``benchmarks/results/*.json`` (full runs only: ``*.quick.json`` and device runs
 ``<name>.<device>.json`` are listed apart) and writes ``benchmarks/results/overview.md``,
-which the docs include. Nothing here measures anything: it only gathers what the
+which the docs include, and ``benchmarks/results/which_method.md``
+(:mod:`benchmarks.which_method`). Nothing here measures anything: it only gathers what the
 benchmarks recorded. Run: ``python -m benchmarks.overview``.
 """
 
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> str:
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     log.info("wrote %s", out)
+    if args.out is None:  # the "which method when" page reads the same files
+        from benchmarks import which_method
+
+        which_method.write(results_dir)
     return text
 
 

@@ -11,30 +11,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _equal_time_figures() -> dict[str, float]:
-    """Every equal-time figure of the committed results made under the comparison protocol
-    (a ``selection`` record), ``file:key -> value``: older results compared arms unfairly."""
-    out = {}
-    for path in sorted(RESULTS.glob("*.json")):
-        if "." in path.name[: -len(".json")]:
-            continue  # quick and device runs
-        record = json.loads(path.read_text())
-        if "selection" not in record:
-            continue
-        summary = record.get("summary", {})
-        for key, value in summary.items():
-            if key.endswith("equal_time_accuracy_delta_pt") and value is not None:
-                out[f"{path.stem}:{key}"] = value
-    return out
+def test_the_job_runs_the_top_of_the_equal_time_ranking():
+    from benchmarks import which_method
+
+    top = which_method.equal_time_ranking(RESULTS)[0]
+    best = showcase.best_method(RESULTS)
+    assert top.key == f"k{best['k']}_equal_time_accuracy_delta_pt"
+    assert best["equal_time_accuracy_delta_pt"] == top.delta_pt and top.time_ratio < 1
 
 
-def test_the_job_runs_the_method_with_the_largest_equal_time_figure():
-    figures = _equal_time_figures()
-    best = showcase.best_method(json.loads(showcase.SOURCE.read_text()))
-    top = max(figures, key=figures.get)
-    # The unprefixed key is the benchmark's best arm repeated; the job's arm must be the top.
-    assert figures[top] == best["equal_time_accuracy_delta_pt"], (top, figures)
-    assert top.startswith("multirate_transfer:")
+def test_a_ranking_led_by_another_method_is_refused(tmp_path):
+    summary = {"equal_time_accuracy_delta_pt": 0.3, "time_ratio": 0.9, "diverged_runs": 0}
+    (tmp_path / "wus.json").write_text(json.dumps({"selection": {}, "summary": summary}))
+    with pytest.raises(RuntimeError, match="wus"):
+        showcase.best_method(tmp_path)
 
 
 def test_quick_run_writes_a_fresh_folder_and_nothing_under_results(tmp_path, capsys):
@@ -46,7 +36,7 @@ def test_quick_run_writes_a_fresh_folder_and_nothing_under_results(tmp_path, cap
         "showcase.quick.json", "showcase.quick.md", "showcase.quick.png"]  # fmt: skip
     record = json.loads((out / "showcase.quick.json").read_text())
     assert {r["arm"] for r in record["runs"]} == {
-        "train_all", f"k{showcase.best_method(json.loads(showcase.SOURCE.read_text()))['k']}",
+        "train_all", f"k{showcase.best_method()['k']}",
         "train_all_equal_time"}  # fmt: skip
     assert record["config"]["seeds"] == [0, 1]
     assert 0 < summary["time_ratio"] and summary["equal_time_steps"] >= 1
