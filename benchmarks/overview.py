@@ -59,6 +59,19 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         ),
         "time_ratio <= 0.5, accuracy_delta_pt >= -0.5, equal_time_accuracy_delta_pt > 0",
     ),
+    "multirate_transfer_map": (
+        "multirate: where it pays (pretraining strength x k, 3 seeds a cell)",
+        "a strong backbone that needs small changes (the claim's regime)",
+        (
+            "cells",
+            "cells_goal_met",
+            "cells_equal_time_positive",
+            "strong_k2_equal_time_accuracy_delta_pt",
+            "none_k10_accuracy_delta_pt",
+            "diverged_runs",
+        ),
+        "a regime where time_ratio <= 0.5 at equal accuracy",
+    ),
     "multirate_scratch": (
         "multirate from scratch",
         "random slow subgroups regularize (lower test loss than SGD); several time scales "

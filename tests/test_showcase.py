@@ -22,7 +22,9 @@ def test_the_job_runs_the_top_of_the_equal_time_ranking():
 
 def test_a_ranking_led_by_another_method_is_refused(tmp_path):
     summary = {"equal_time_accuracy_delta_pt": 0.3, "time_ratio": 0.9, "diverged_runs": 0}
-    (tmp_path / "wus.json").write_text(json.dumps({"selection": {}, "summary": summary}))
+    runs = [{"seed": i} for i in range(10)]
+    record = {"selection": {}, "summary": summary, "runs": runs}
+    (tmp_path / "wus.json").write_text(json.dumps(record))
     with pytest.raises(RuntimeError, match="wus"):
         showcase.best_method(tmp_path)
 
