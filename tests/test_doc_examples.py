@@ -195,8 +195,6 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
 # sentence exactly once, with {n} at each quoted number, the summary key of each number in
 # order, the decimals quoted). A key "-k" is minus the value ("4.97 points below"); a callable
 # gets the whole summary. Patterns see the prose with whitespace collapsed to single spaces.
-# The figures of wus.md, growing.md and phases.md (step_cost) are to be added once those
-# results are regenerated and the pages rewritten.
 QUOTED = [
     ("multirate.md", "multirate_transfer", r"backbone that reaches {n} on its source",
      ["pretrained_accuracy"], 3),
@@ -285,6 +283,52 @@ QUOTED = [
      r"\[{n}, {n}\] on the other two",
      [f"{s}_accuracy_delta_vs_schedule_free{k}" for s in ("mnist1d", "mnist", "digits")
       for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+    ("wus.md", "wus",
+     r"WUS kept the accuracy \({n} points \[{n}, {n}\]; WUS\+LR {n} \[{n}, {n}\]\)",
+     [f"{p}accuracy_delta{k}" for p in ("", "wuslr_")
+      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+    ("wus.md", "wus", r"its train time was \*\*{n}\*\* of the baseline's, where the cost model "
+     r"predicted {n}\.", ["time_ratio", "predicted_time_ratio"], 2),
+    ("wus.md", "wus", r"skipped {n} of the steps", ["skipped_step_fraction"], 3),
+    ("wus.md", "wus", r"costs {n} of a full one here \(its FLOPs {n}:",
+     ["bias_only_step_time_ratio", "bias_only_flop_ratio"], 3),
+    ("wus.md", "wus", r"costs more than the plain one\*\*: {n} of the baseline's step",
+     ["wrapper_overhead_ratio"], 2),
+    ("wus.md", "wus", r"at random costs {n} points \[{n}, {n}\]",
+     ["random_windows_accuracy_delta_pt", "random_windows_accuracy_delta_ci_low_pt",
+      "random_windows_accuracy_delta_ci_high_pt"], 2),
+    ("wus.md", "wus", r"halving the baseline's budget costs {n} \[{n}, {n}\]",
+     ["baseline_half_budget_delta_pt", "baseline_half_budget_delta_ci_low_pt",
+      "baseline_half_budget_delta_ci_high_pt"], 2),
+    ("wus.md", "wus", r"The equal-time comparison \({n} \[{n}, {n}\]\)",
+     ["equal_time_accuracy_delta_pt", "equal_time_accuracy_delta_ci_low_pt",
+      "equal_time_accuracy_delta_ci_high_pt"], 2),
+    ("growing.md", "growing", r"The grown MLP trained in \*\*{n}\*\* of the fixed network's",
+     ["time_ratio"], 3),
+    ("growing.md", "growing", r"against {n} predicted from the step-time table and {n} predicted",
+     ["predicted_time_ratio", "stage_step_time_ratio"], 3),
+    ("growing.md", "growing", r"compilation counted, the ratio is \*\*{n}\*\*",
+     ["time_ratio_with_compile"], 3),
+    ("growing.md", "growing", r"`grown` ends \*\*{n} points\*\* below `fixed` \(\[{n}, {n}\]\)",
+     ["-accuracy_delta_pt", "accuracy_delta_ci_low_pt", "accuracy_delta_ci_high_pt"], 2),
+    ("growing.md", "growing", r"time-to-accuracy ratio \({n}; {n} with compile\)",
+     ["time_to_accuracy_ratio", "time_to_accuracy_ratio_with_compile"], 3),
+    ("growing.md", "growing",
+     r"it reached the target \(fixed's mean less 0\.5 pt\) on only {n} of",
+     ["time_to_accuracy_seeds_reached"], 0),
+    ("growing.md", "growing",
+     r"without variance transfer {n} \[{n}, {n}\]; without rate adaptation {n} \[{n}, {n}\]; "
+     r"pairing only {n} \[{n}, {n}\]; momentum carried {n} \[{n}, {n}\]",
+     [f"{a}_accuracy_delta{k}" for a in ("no_vt", "no_lra", "plain", "carry")
+      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+    ("phases.md", "step_cost",
+     r"\| head-only: time ratio / FLOP ratio \| {n} / {n} = \*\*[\d.]+\*\* \| {n} / {n} =",
+     ["head_only_time_ratio", "head_only_flop_ratio", "resnet_head_only_time_ratio",
+      "resnet_head_only_flop_ratio"], 3),
+    ("phases.md", "step_cost",
+     r"\| bias-only: time ratio / FLOP ratio \| {n} / {n} = \*\*[\d.]+\*\* \| {n} / {n} =",
+     ["bias_only_time_ratio", "bias_only_flop_ratio", "resnet_bias_only_time_ratio",
+      "resnet_bias_only_flop_ratio"], 3),
 ]
 
 # (page, words of its prose, results file, summary key, the value the words mean)
