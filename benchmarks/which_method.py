@@ -281,6 +281,12 @@ def build(results_dir: pathlib.Path, questions: Sequence[Question] = QUESTIONS) 
             continue
         data = json.loads(path.read_text())
         s = data["summary"]
+        named = {k for k, _ in q.figures} | set(re.findall(r"\{(\w+)", q.holds + q.fails))
+        if named - set(s):  # an older results file: say so rather than guess
+            rerun = data.get("command", f"python -m benchmarks.{q.benchmark}")
+            lines.append(f"| {q.question} | {q.method.split(':')[0]} | not measured under the "
+                         f"protocol (rerun `{rerun}`) | - |")  # fmt: skip
+            continue
         key, what = q.figures[q.headline]
         met = _goal(data) if q.met is None else ("yes" if q.met(s) else "no")
         lines.append(f"| [{q.question}](#{_anchor(q.question)}) | {q.method.split(':')[0]} | "

@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -344,6 +345,10 @@ def _subgroup_labels(params: Any, param_labels: Any) -> dict[str, Hashable]:
     return by_path
 
 
+def _keep(key: jax.Array, mask: Any) -> tuple[jax.Array, Any]:
+    return key, mask
+
+
 def _draw_mask(key: jax.Array, params: Any, eligible: Sequence[bool], q: float) -> Any:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
@@ -427,6 +432,16 @@ def multirate_subgroups(
         by_path = _subgroup_labels(params, param_labels)
         return [by_path[p] == RANDOM for p in labels_lib.leaf_paths(params)]
 
+    @functools.cache
+    def _redraw(flags: tuple[bool, ...]) -> Any:
+        # One function per leaf pattern, so that lax.cond finds its traced branches again on
+        # every call (a new closure per call would retrace and recompile outside jit).
+        def redraw(key, mask):  # no random bits on fast steps: only the slow step redraws
+            key, sub = jax.random.split(key)
+            return key, _draw_mask(sub, mask, flags, slow_fraction)
+
+        return redraw
+
     def init_fn(params):
         key, sub = jax.random.split(base_key)
         mask = _draw_mask(sub, params, eligible(params), slow_fraction)
@@ -454,13 +469,8 @@ def multirate_subgroups(
         pairs = treedef.flatten_up_to(out)
         new_updates = treedef.unflatten([u for u, _ in pairs])
         new_momentum = treedef.unflatten([p for _, p in pairs])
-        flags = eligible(updates)
-
-        def redraw(_):  # after the slow step only: no random bits on fast steps
-            key, sub = jax.random.split(state.key)
-            return key, _draw_mask(sub, state.mask, flags, slow_fraction)
-
-        key, mask = jax.lax.cond(slow_step, redraw, lambda _: (state.key, state.mask), None)
+        redraw = _redraw(tuple(eligible(updates)))  # after the slow step only
+        key, mask = jax.lax.cond(slow_step, redraw, _keep, state.key, state.mask)
         count = optax.safe_increment(state.count)
         next_slow = count % (k + 1) == k
         return new_updates, MultirateSubgroupsState(count, next_slow, key, mask, new_momentum)

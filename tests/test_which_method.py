@@ -31,3 +31,10 @@ def test_figures_carry_their_interval():
 def test_a_template_naming_an_unmeasured_figure_fails():
     with pytest.raises(KeyError):
         which_method.render("{nothing:ci}", {"d_pt": 1.0})
+
+
+def test_a_results_file_without_the_figures_is_listed_as_not_measured(tmp_path):
+    record = {"command": "python -m benchmarks.wus", "summary": {"time_ratio": 0.8}}
+    (tmp_path / "wus.json").write_text(json.dumps(record))
+    page = which_method.build(tmp_path)
+    assert "not measured under the protocol (rerun `python -m benchmarks.wus`)" in page
