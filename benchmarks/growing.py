@@ -607,9 +607,7 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _ci(s: Mapping[str, Any], key: str) -> str:
-    lo, hi = protocol.ci_keys(key)
-    return f"{_f(s[key], '+.2f')} [{_f(s[lo], '+.2f')}, {_f(s[hi], '+.2f')}]"
+_ci = protocol.delta_text  # mean [low, high]
 
 
 def _table(

@@ -306,9 +306,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def _ci(s: Mapping[str, Any], key: str) -> str:
-    low, high = protocol.ci_keys(key)
-    return f"{_f(s[key])} [{_f(s[low])}, {_f(s[high])}]"
+_ci = protocol.delta_text  # mean [low, high]
 
 
 def table(sets: Sequence[_Set], selection: Mapping[str, Any], s: Mapping[str, Any]) -> str:

@@ -507,9 +507,7 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return format(x, spec)
 
 
-def _delta(s: Mapping[str, Any], key: str) -> str:
-    lo, hi = (s.get(k) for k in protocol.ci_keys(key))
-    return f"{_fmt(s.get(key), '+.2f')} [{_fmt(lo, '+.2f')}, {_fmt(hi, '+.2f')}]"
+_delta = protocol.delta_text  # mean [low, high]
 
 
 def _chosen(rec: Mapping[str, Any]) -> str:

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import pathlib
 import re
 import statistics
@@ -298,14 +297,6 @@ def _summary(runs: list[dict], arm: str, budget: protocol.StepBudget) -> dict[st
     return s
 
 
-def _f(x: float | None, spec: str) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def _interval(lo: float | None, hi: float | None, spec: str = "+.2f") -> str:
-    return f"[{_f(lo, spec)}, {_f(hi, spec)}]"
-
-
 def _table(s, runs, selection, arm, steps, budget, seeds) -> str:
     rows = [
         "| arm | configuration (selected on validation by the benchmark) | test accuracy %, "
@@ -319,19 +310,15 @@ def _table(s, runs, selection, arm, steps, budget, seeds) -> str:
         t = statistics.fmean(r["train_time_s"] for r in rs)
         cfg = ", ".join(f"{k}={v}" for k, v in selection[name]["chosen"].items())
         ratio = f"{protocol.time_ratio(runs, name, 'train_all'):.3f}"
-        if name == "train_all":
-            delta = "—"
-        else:
-            d = {}
+        delta = "—"
+        if name != "train_all":
+            d: dict[str, Any] = {}
             protocol.put_delta(d, "d_pt", protocol.paired_deltas_pt(runs, name, "train_all"))
-            delta = f"{d['d_pt']:+.2f} {_interval(d['d_ci_low_pt'], d['d_ci_high_pt'])}"
+            delta = protocol.delta_text(d, "d_pt")
         div = f"{sum(r['diverged'] for r in rs)}/{len(rs)}"
-        rows.append(f"| {name} | {cfg} | {mean:.2f} {_interval(lo, hi, '.2f')} | {t:.2f} | "
-                    f"{ratio} | {delta} | {div} |")  # fmt: skip
-    eq = s["equal_time_accuracy_delta_pt"]
-    eq_ci = _interval(s["equal_time_accuracy_delta_ci_low_pt"],
-                      s["equal_time_accuracy_delta_ci_high_pt"])  # fmt: skip
-    lo, hi = s["equal_time_accuracy_delta_ci_low_pt"], s["equal_time_accuracy_delta_ci_high_pt"]
+        acc = f"{mean:.2f} [{protocol.number(lo, '.2f')}, {protocol.number(hi, '.2f')}]"
+        rows.append(f"| {name} | {cfg} | {acc} | {t:.2f} | {ratio} | {delta} | {div} |")
+    lo, hi = (s[k] for k in protocol.ci_keys("equal_time_accuracy_delta_pt"))
     if s["saving_shown"]:
         verdict = "**The saving shows in this run**: "
     else:
@@ -339,7 +326,8 @@ def _table(s, runs, selection, arm, steps, budget, seeds) -> str:
     verdict += (f"{arm} used {s['time_ratio']:.2f} of train_all's train time "
                 f"({s['time_ratio_with_compile']:.2f} with compilation) at "
                 f"{s['accuracy_delta_pt']:+.2f} pt; against plain optax given the same time "
-                f"({budget.steps} steps) it is {eq:+.2f} pt {eq_ci}")  # fmt: skip
+                f"({budget.steps} steps) it is "
+                f"{protocol.delta_text(s, 'equal_time_accuracy_delta_pt')} pt")  # fmt: skip
     if lo is None or hi is None:
         verdict += " (no interval: too few seeds)."
     elif lo > 0:

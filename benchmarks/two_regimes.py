@@ -254,9 +254,7 @@ def _f(x: Any, spec: str = "+.2f") -> str:
     return "n/a" if x is None or x != x else format(x, spec)  # None or nan
 
 
-def _ci(s: Mapping[str, Any], key: str) -> str:
-    low, high = protocol.ci_keys(key)
-    return f"{_f(s[key])} [{_f(s[low])}, {_f(s[high])}]"
+_ci = protocol.delta_text  # mean [low, high]
 
 
 def table(sets: Sequence[_Set], selection: Mapping[str, Any], s: Mapping[str, Any]) -> str:

@@ -195,6 +195,14 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
 # sentence exactly once, with {n} at each quoted number, the summary key of each number in
 # order, the decimals quoted). A key "-k" is minus the value ("4.97 points below"); a callable
 # gets the whole summary. Patterns see the prose with whitespace collapsed to single spaces.
+SETS = ("mnist1d", "mnist", "digits")
+
+
+def _with_ci(*keys: str) -> list[str]:
+    """Each delta key ``x_pt`` followed by its interval keys ``x_ci_low_pt``, ``x_ci_high_pt``."""
+    return [k for key in keys for k in (key, f"{key[:-3]}_ci_low_pt", f"{key[:-3]}_ci_high_pt")]
+
+
 QUOTED = [
     ("multirate.md", "multirate_transfer", r"backbone that reaches {n} on its source",
      ["pretrained_accuracy"], 3),
@@ -248,13 +256,11 @@ QUOTED = [
     ("lerac.md", "lerac", r"\(`sets_above_0` = {n} of 3", ["sets_above_0"], 0),
     ("lerac.md", "lerac",
      r"mnist1d {n} points \[{n}, {n}\], MNIST subset {n} \[{n}, {n}\], digits {n} \[{n}, {n}\]\.",
-     [f"{s}_accuracy_delta{k}" for s in ("mnist1d", "mnist", "digits")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci(*(f"{s}_accuracy_delta_pt" for s in SETS)), 2),
     ("lerac.md", "lerac",
      r"mnist1d {n} \[{n}, {n}\] \(it selected the authors' setting\), MNIST subset {n} "
      r"\[{n}, {n}\], digits {n} \[{n}, {n}\]",
-     [f"{s}_selected_accuracy_delta{k}" for s in ("mnist1d", "mnist", "digits")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci(*(f"{s}_selected_accuracy_delta_pt" for s in SETS)), 2),
     ("lerac.md", "lerac", r"\(`step_time_ratio` {n} \[{n}, {n}\]",
      ["step_time_ratio", "step_time_ratio_ci_low", "step_time_ratio_ci_high"], 3),
     ("nnx.md", "step_cost", r"same API\): Linen {n} \[{n}, {n}\], NNX {n} \[{n}, {n}\] of a plain",
@@ -276,17 +282,14 @@ QUOTED = [
     ("two_regimes.md", "two_regimes",
      r"best tuned schedule {n} \[{n}, {n}\] on mnist1d, {n} \[{n}, {n}\] on the MNIST subset, "
      r"{n} \[{n}, {n}\] on digits",
-     [f"{s}_accuracy_delta_vs_best_schedule{k}" for s in ("mnist1d", "mnist", "digits")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci(*(f"{s}_accuracy_delta_vs_best_schedule_pt" for s in SETS)), 2),
     ("two_regimes.md", "two_regimes",
      r"Against schedule-free SGD: {n} \[{n}, {n}\] on mnist1d, {n} \[{n}, {n}\] and {n} "
      r"\[{n}, {n}\] on the other two",
-     [f"{s}_accuracy_delta_vs_schedule_free{k}" for s in ("mnist1d", "mnist", "digits")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci(*(f"{s}_accuracy_delta_vs_schedule_free_pt" for s in SETS)), 2),
     ("wus.md", "wus",
      r"WUS kept the accuracy \({n} points \[{n}, {n}\]; WUS\+LR {n} \[{n}, {n}\]\)",
-     [f"{p}accuracy_delta{k}" for p in ("", "wuslr_")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci("accuracy_delta_pt", "wuslr_accuracy_delta_pt"), 2),
     ("wus.md", "wus", r"its train time was \*\*{n}\*\* of the baseline's, where the cost model "
      r"predicted {n}\.", ["time_ratio", "predicted_time_ratio"], 2),
     ("wus.md", "wus", r"skipped {n} of the steps", ["skipped_step_fraction"], 3),
@@ -319,8 +322,7 @@ QUOTED = [
     ("growing.md", "growing",
      r"without variance transfer {n} \[{n}, {n}\]; without rate adaptation {n} \[{n}, {n}\]; "
      r"pairing only {n} \[{n}, {n}\]; momentum carried {n} \[{n}, {n}\]",
-     [f"{a}_accuracy_delta{k}" for a in ("no_vt", "no_lra", "plain", "carry")
-      for k in ("_pt", "_ci_low_pt", "_ci_high_pt")], 2),
+     _with_ci(*(f"{a}_accuracy_delta_pt" for a in ("no_vt", "no_lra", "plain", "carry"))), 2),
     ("phases.md", "step_cost",
      r"\| head-only: time ratio / FLOP ratio \| {n} / {n} = \*\*[\d.]+\*\* \| {n} / {n} =",
      ["head_only_time_ratio", "head_only_flop_ratio", "resnet_head_only_time_ratio",
