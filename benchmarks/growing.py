@@ -31,10 +31,18 @@ the comparison protocol (:mod:`benchmarks.protocol`), in this order:
    reuse compiled steps, so their compile time is not per run. The sealed test split is read
    there only.
 
+The CNN twin (summary keys prefixed ``cnn_``) runs the same four steps with the same rules,
+grid and seeds on a second model: :class:`~optax_multirate.models.CNN` with batch norm, three
+3x3 convolutions of the width (final 64; 2x2 max-pools after the first two; global average
+pooling), on the MNIST subset average-pooled to 14x14 (a step at width 64 is compute-bound
+here and a run takes seconds), 20 epochs. Its ``fixed`` selects through the loop, one run at a
+time, since vmapped convolutions cost more on XLA CPU. The goal is declared on the MLP; the
+CNN is reported beside it.
+
 Run::
 
     python -m benchmarks.growing            # full; writes benchmarks/results/growing.*
-    python -m benchmarks.growing --quick    # seconds: tiny widths, one seed; growing.quick.*
+    python -m benchmarks.growing --quick    # under a minute: tiny widths, one seed; growing.quick.*
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ from benchmarks.batched import run_batched
 from benchmarks.step_cost import _time_rounds
 from optax_multirate.data import Split, batches, load_dataset, num_batches
 from optax_multirate.growing import GrowthSchedule, GrowthStages, growth_lr_adaptation
-from optax_multirate.models import MLP
+from optax_multirate.models import CNN, MLP
 from optax_multirate.train import Callback, Evaluate, fit, init_model, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -91,12 +99,19 @@ DELTAS = {  # summary key: (arm, minus arm)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything declared before a run: model, widths, budget, grids, seeds per arm.
+    """Everything declared before a run: model, data, widths, budget, grids, seeds per arm.
 
+    ``model`` is ``"mlp"`` (:class:`~optax_multirate.models.MLP`, ``hidden_layers`` dense
+    layers of the width) or ``"cnn"`` (:class:`~optax_multirate.models.CNN` with batch norm,
+    ``hidden_layers`` 3x3 convolutions of the width, 2x2 max-pools after the first two, global
+    average pooling); ``downsample`` average-pools the images by that factor per side.
     ``stage_epochs`` are the candidate stage lengths (epochs of each growing stage), most
     epochs at full width first; :func:`choose_schedule` takes one from the step-time table.
     """
 
+    model: str
+    dataset: str
+    downsample: int
     hidden_layers: int
     final_width: int
     sweep: tuple[int, ...]
@@ -113,13 +128,24 @@ class Plan:
     share_steps: bool  # fixed and grown share compiled steps too (--quick: seconds, not figures)
 
 
-FULL = Plan(hidden_layers=2, final_width=1024, sweep=(64, 128, 256, 512, 768, 1024, 1536),
-            m0=0.25, p_c=0.5, epochs=24, stage_epochs=(1, 2, 3, 4, 5),
-            learning_rates=(0.05, 0.1, 0.2, 0.4, 0.8), main_seeds=10, ablation_seeds=5,
-            timing_rounds=15, timing_chain=3, train_examples=None, share_steps=False)  # fmt: skip
-QUICK = Plan(hidden_layers=2, final_width=32, sweep=(16,), m0=0.5, p_c=1.0, epochs=4,
-             stage_epochs=(1,), learning_rates=(0.1, 0.3), main_seeds=1, ablation_seeds=1,
-             timing_rounds=2, timing_chain=2, train_examples=2048, share_steps=True)  # fmt: skip
+LEARNING_RATES = (0.05, 0.1, 0.2, 0.4, 0.8)
+FULL = Plan(model="mlp", dataset="mnist1d", downsample=1, hidden_layers=2, final_width=1024,
+            sweep=(64, 128, 256, 512, 768, 1024, 1536), m0=0.25, p_c=0.5, epochs=24,
+            stage_epochs=(1, 2, 3, 4, 5), learning_rates=LEARNING_RATES, main_seeds=10,
+            ablation_seeds=5, timing_rounds=15, timing_chain=3, train_examples=None,
+            share_steps=False)  # fmt: skip
+QUICK = Plan(model="mlp", dataset="mnist1d", downsample=1, hidden_layers=2, final_width=32,
+             sweep=(16,), m0=0.5, p_c=1.0, epochs=4, stage_epochs=(1,), learning_rates=(0.1, 0.3),
+             main_seeds=1, ablation_seeds=1, timing_rounds=2, timing_chain=2,
+             train_examples=2048, share_steps=True)  # fmt: skip
+# the CNN twin: the MNIST subset at 14x14 (a step at width 64 is compute-bound here and a run
+# takes seconds); the same grid, seeds and rules as the MLP
+CNN_FULL = dataclasses.replace(FULL, model="cnn", dataset="mnist_subset", downsample=2,
+                               hidden_layers=3, final_width=64, sweep=(16, 32, 48, 64, 96),
+                               epochs=20, stage_epochs=(1, 2, 3, 4))  # fmt: skip
+CNN_QUICK = dataclasses.replace(QUICK, model="cnn", dataset="mnist_subset", downsample=2,
+                                hidden_layers=2, final_width=16, sweep=(8,))  # fmt: skip
+TWINS = {"": (FULL, QUICK), "cnn_": (CNN_FULL, CNN_QUICK)}  # summary-key prefix: (full, quick)
 
 CLAIM = (
     "Yuan, Savarese & Maire (NeurIPS 2023): growing every hidden layer's width from a quarter, "
@@ -157,6 +183,13 @@ def make_tx(
     return optax.chain(*parts, optax.scale(-1.0))
 
 
+def _pool(split: Split, k: int) -> Split:
+    """``split`` with its images average-pooled by ``k`` per side, ``(n, h, w, c)``."""
+    n, h, w, c = split.x.shape
+    x = split.x[:, : h - h % k, : w - w % k].reshape(n, h // k, k, w // k, k, c).mean((2, 4))
+    return Split(x.astype(split.x.dtype), split.y)
+
+
 @dataclasses.dataclass
 class Setup:
     """A run's data, model and budget, from a :class:`Plan`."""
@@ -166,10 +199,15 @@ class Setup:
 
     def __post_init__(self) -> None:
         p = self.plan
-        data = load_dataset("mnist1d")
+        if p.model not in ("mlp", "cnn"):
+            raise ValueError(f"Plan.model must be 'mlp' or 'cnn', got {p.model!r}")
+        data = load_dataset(p.dataset)
         if p.train_examples is not None:
             n = p.train_examples
             data = dataclasses.replace(data, train=Split(data.train.x[:n], data.train.y[:n]))
+        if p.downsample > 1:
+            data = dataclasses.replace(data, train=_pool(data.train, p.downsample),
+                                       test=_pool(data.test, p.downsample))  # fmt: skip
         self.data = data
         self.splits = protocol.three_splits(data)
         self.train, self.val = self.splits.train, self.splits.validation
@@ -182,9 +220,22 @@ class Setup:
         self.fixed_schedule = GrowthSchedule(self.final, total_epochs=p.epochs, m0=1.0)
         self._shared: dict[Any, tuple[optax.GradientTransformation, dict]] = {}
 
-    def model(self, widths: Sequence[int]) -> MLP:
-        """The MLP at ``widths`` (one per hidden layer)."""
-        return MLP(features=tuple(int(w) for w in widths), num_classes=self.num_classes)
+    def model(self, widths: Sequence[int]) -> MLP | CNN:
+        """The plan's model at ``widths`` (one per hidden layer)."""
+        features = tuple(int(w) for w in widths)
+        if self.plan.model == "cnn":
+            return CNN(features=features, num_classes=self.num_classes, pool_after=(0, 1),
+                       batch_norm=True)  # fmt: skip
+        return MLP(features=features, num_classes=self.num_classes)
+
+    @property
+    def label(self) -> str:
+        """The model and data in a few words, for tables and plots."""
+        p = self.plan
+        if p.model == "cnn":
+            side = self.data.train.x.shape[1]
+            return f"CNN + BN, {p.hidden_layers} convolutions, {self.data.name} {side}x{side}"
+        return f"MLP, {p.hidden_layers} hidden layers, {self.data.name}"
 
     def schedule(self, stage_epochs: int) -> GrowthSchedule:
         """The growth plan with ``stage_epochs`` epochs per growing stage (ValueError if the
@@ -423,26 +474,34 @@ def run_arm(
 
 def select_arms(setup: Setup, schedule: GrowthSchedule) -> dict[str, dict[str, Any]]:
     """The selection records: ``fixed`` and ``grown`` select their peak step size; the
-    ablations inherit ``grown``'s."""
+    ablations inherit ``grown``'s. The MLP's ``fixed`` runs on the batched runner; a CNN's
+    through the loop, one run at a time (vmapped convolutions cost more on XLA CPU)."""
     grid = [{"learning_rate": lr} for lr in setup.plan.learning_rates]
     n = len(grid)
     select = functools.partial(protocol.select, final_seeds=setup.seeds,
                                num_classes=setup.num_classes, budget=n)  # fmt: skip
-    batched = run_batched(
-        setup.model(setup.final), lambda learning_rate: make_tx(learning_rate, setup.steps),
-        grid, protocol.SELECTION_SEEDS, setup.train, setup.val, batch_size=BATCH_SIZE,
-        epochs=setup.plan.epochs,
-    )  # fmt: skip
 
-    def grown(config: dict[str, Any], seed: int) -> protocol.RunOutcome:
-        tx, cache = setup.optimizer("grown", config, schedule, shared=True)
-        r = run_arm(setup, "grown", tx, seed, {"val": setup.val}, schedule,
-                    every_epochs=setup.plan.epochs, step_cache=cache)  # fmt: skip
-        hist = r["history"]
-        return protocol.RunOutcome(hist[-1]["val_accuracy"], tuple(h["train_loss"] for h in hist))
+    def through_loop(arm: str) -> Callable[[dict[str, Any], int], protocol.RunOutcome]:
+        def run(config: dict[str, Any], seed: int) -> protocol.RunOutcome:
+            tx, cache = setup.optimizer(arm, config, schedule, shared=True)
+            r = run_arm(setup, arm, tx, seed, {"val": setup.val}, schedule,
+                        every_epochs=setup.plan.epochs, step_cache=cache)  # fmt: skip
+            hist = r["history"]
+            losses = tuple(h["train_loss"] for h in hist)
+            return protocol.RunOutcome(hist[-1]["val_accuracy"], losses)
 
-    selection = {"fixed": select("fixed", grid, batched.outcome),
-                 "grown": select("grown", grid, grown)}  # fmt: skip
+        return run
+
+    if setup.plan.model == "mlp":
+        fixed = run_batched(
+            setup.model(setup.final), lambda learning_rate: make_tx(learning_rate, setup.steps),
+            grid, protocol.SELECTION_SEEDS, setup.train, setup.val, batch_size=BATCH_SIZE,
+            epochs=setup.plan.epochs,
+        ).outcome  # fmt: skip
+    else:
+        fixed = through_loop("fixed")
+    selection = {"fixed": select("fixed", grid, fixed),
+                 "grown": select("grown", grid, through_loop("grown"))}  # fmt: skip
     for arm in ABLATIONS:
         selection[arm] = protocol.inherit(selection, "grown")
     protocol.check_equal_budgets(selection)
@@ -621,8 +680,8 @@ def _table(
     p = setup.plan
     plan_widths = {w for c in candidates if c["chosen"] for w in c["widths"]}
     lines = [
-        f"**1. Step time against width** (the fixed MLP, {p.hidden_layers} hidden layers of the "
-        f"width, batch {BATCH_SIZE}; median of {costs['rounds']} interleaved rounds of "
+        f"**1. Step time against width** (the fixed network: {setup.label}, every layer at "
+        f"the width, batch {BATCH_SIZE}; median of {costs['rounds']} interleaved rounds of "
         f"{costs['chain']} blocked steps; FLOPs from XLA's `cost_analysis`). A step is "
         "compute-bound where its time per FLOP is flat; * marks the chosen schedule's widths.",
         "",
@@ -728,7 +787,7 @@ def _table(
         "figures as the survey wiki reports them, 3 runs):",
         "",
         "| variant | paper: ResNet-20, CIFAR-10 | paper: ResNet-18, CIFAR-100 "
-        "| ours: MLP, mnist1d |",
+        f"| ours: {setup.label} |",
         "| --- | ---: | ---: | ---: |",
     ]
     for variant, arm, c10, c100 in PAPER_ABLATION:
@@ -747,70 +806,79 @@ def _table(
     return "\n".join(lines)
 
 
-def _plot(
-    runs: Sequence[Mapping[str, Any]], costs: Mapping[str, Any], candidate: Mapping[str, Any],
-    target: float | None,
-) -> Callable[[Any], None]:  # fmt: skip
-    """Accuracy against wall time (compile included) per arm, mean and min-max band, growth
-    marked; step time against width with the schedule's widths; the LRA ratios."""
+def _plot(twins: Sequence[Mapping[str, Any]]) -> Callable[[Any], None]:
+    """One row per twin (``label``, ``runs``, ``costs``, ``candidate``, ``target``): accuracy
+    against wall time (compile included) per arm, mean and min-max band, growth marked; step
+    time against width with the schedule's widths; the LRA ratios."""
 
     def plot(fig: Any) -> None:
-        fig.set_size_inches(16, 4.8)
-        ax = fig.add_subplot(1, 3, 1)
-        for n, arm in enumerate(ARMS):
-            rs = _arm_runs(runs, arm)
-            if not rs:
-                continue
-            t = np.mean([[h["train_time_s"] + h["compile_time_s"] for h in r["history"]]
-                         for r in rs], axis=0)  # fmt: skip
-            a = np.array([[h["test_accuracy"] for h in r["history"]] for r in rs])
-            ax.plot(t, a.mean(0), color=f"C{n}", lw=2 if arm in ("fixed", "grown") else 1,
-                    label=f"{arm} ({len(rs)} seeds)")  # fmt: skip
-            ax.fill_between(t, a.min(0), a.max(0), color=f"C{n}", alpha=0.15, lw=0)
-            for g in rs[0]["growths"]:
-                e = g["epoch"] - 1
-                ax.plot(t[e], a.mean(0)[e], "v", ms=6, color=f"C{n}")
-        if target is not None:
-            ax.axhline(target, color="k", ls="--", lw=1, label="target (fixed - 0.5 pt)")
-        ax.set_xlabel("wall time (s): train + compile, evaluation excluded")
-        ax.set_ylabel("test accuracy (mean; band: min-max over seeds)")
-        ax.set_title("accuracy against time (v: growth)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        ax = fig.add_subplot(1, 3, 2)
-        w = np.array([r["width"] for r in costs["table"]], float)
-        ms = np.array([r["step_ms"] for r in costs["table"]])
-        ax.loglog(w, ms, "o-", label="measured step time")
-        full = next(r for r in costs["table"] if r["width"] == candidate["widths"][-1])
-        ax.loglog(
-            w,
-            full["step_ms"] * (w / full["width"]) ** 2,
-            "k:",
-            lw=1,
-            label="∝ width² (through full width)",
-        )
-        for wi in candidate["widths"]:
-            ax.axvline(wi, color="C1", lw=0.8, alpha=0.6)
-        ax.set_xlabel("hidden width")
-        ax.set_ylabel("ms per step")
-        ax.set_title(f"step time against width (orange: stage widths; predicted time ratio "
-                     f"{candidate['predicted_time_ratio']:.3f})", fontsize=9)  # fmt: skip
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        ax = fig.add_subplot(1, 3, 3)
-        r = next((r for r in runs if r["arm"] == "grown"), None)
-        if r is not None and "lra_ratios" in r["history"][0]:
-            ratios = np.array([h["lra_ratios"] for h in r["history"]])
-            epochs = [h["epoch"] for h in r["history"]]
-            for k in range(1, ratios.shape[1]):
-                ax.plot(epochs, ratios[:, k], marker="o", ms=3, color=f"C{k}", label=f"r_{k}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("r_t = N_t / N_0 (end of epoch)")
-        ax.set_title("LRA ratios, grown, first seed", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        fig.set_size_inches(16, 4.8 * len(twins))
+        for row, twin in enumerate(twins):
+            _plot_row(fig, row, len(twins), **twin)
 
     return plot
+
+
+def _plot_row(
+    fig: Any, row: int, rows: int, *, label: str, runs: Sequence[Mapping[str, Any]],
+    costs: Mapping[str, Any], candidate: Mapping[str, Any], target: float | None,
+) -> None:  # fmt: skip
+    def panel(k: int) -> Any:
+        return fig.add_subplot(rows, 3, 3 * row + k)
+
+    ax = panel(1)
+    for n, arm in enumerate(ARMS):
+        rs = _arm_runs(runs, arm)
+        if not rs:
+            continue
+        t = np.mean([[h["train_time_s"] + h["compile_time_s"] for h in r["history"]]
+                     for r in rs], axis=0)  # fmt: skip
+        a = np.array([[h["test_accuracy"] for h in r["history"]] for r in rs])
+        ax.plot(t, a.mean(0), color=f"C{n}", lw=2 if arm in ("fixed", "grown") else 1,
+                label=f"{arm} ({len(rs)} seeds)")  # fmt: skip
+        ax.fill_between(t, a.min(0), a.max(0), color=f"C{n}", alpha=0.15, lw=0)
+        for g in rs[0]["growths"]:
+            e = g["epoch"] - 1
+            ax.plot(t[e], a.mean(0)[e], "v", ms=6, color=f"C{n}")
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target (fixed - 0.5 pt)")
+    ax.set_xlabel("wall time (s): train + compile, evaluation excluded")
+    ax.set_ylabel("test accuracy (mean; band: min-max over seeds)")
+    ax.set_title(f"{label}: accuracy against time (v: growth)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax = panel(2)
+    w = np.array([r["width"] for r in costs["table"]], float)
+    ms = np.array([r["step_ms"] for r in costs["table"]])
+    ax.loglog(w, ms, "o-", label="measured step time")
+    full = next(r for r in costs["table"] if r["width"] == candidate["widths"][-1])
+    ax.loglog(
+        w,
+        full["step_ms"] * (w / full["width"]) ** 2,
+        "k:",
+        lw=1,
+        label="∝ width² (through full width)",
+    )
+    for wi in candidate["widths"]:
+        ax.axvline(wi, color="C1", lw=0.8, alpha=0.6)
+    ax.set_xlabel("width of every hidden layer")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"step time against width (orange: stage widths; predicted time ratio "
+                 f"{candidate['predicted_time_ratio']:.3f})", fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax = panel(3)
+    r = next((r for r in runs if r["arm"] == "grown"), None)
+    if r is not None and "lra_ratios" in r["history"][0]:
+        ratios = np.array([h["lra_ratios"] for h in r["history"]])
+        epochs = [h["epoch"] for h in r["history"]]
+        for k in range(1, ratios.shape[1]):
+            ax.plot(epochs, ratios[:, k], marker="o", ms=3, color=f"C{k}", label=f"r_{k}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("r_t = N_t / N_0 (end of epoch)")
+    ax.set_title("LRA ratios, grown, first seed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -819,9 +887,15 @@ def _plot(
 def _config(setup: Setup, costs: Mapping[str, Any], candidates: Sequence[Mapping]) -> dict:
     p = setup.plan
     return {
-        "model": f"MLP(features=({p.final_width},) * {p.hidden_layers}), no batch norm",
+        "model": (
+            f"CNN(features=({p.final_width},) * {p.hidden_layers}, pool_after=(0, 1), "
+            "batch_norm=True), global average pooling, head"
+            if p.model == "cnn"
+            else f"MLP(features=({p.final_width},) * {p.hidden_layers}), no batch norm"
+        ),
         "dataset": setup.data.name
-        + ("" if p.train_examples is None else f" (first {p.train_examples} train)"),
+        + ("" if p.train_examples is None else f" (first {p.train_examples} train)")
+        + ("" if p.downsample == 1 else f", images average-pooled {p.downsample}x{p.downsample}"),
         "splits": setup.splits.record,
         "plan": dataclasses.asdict(p),
         "epochs": p.epochs,
@@ -847,9 +921,31 @@ def _config(setup: Setup, costs: Mapping[str, Any], candidates: Sequence[Mapping
         "ablation_seeds": setup.ablation_seeds,
         "time_to_accuracy_target": f"fixed's mean final test accuracy - {TOLERANCE_PT} pt",
         "divergence_threshold": protocol.divergence_threshold(setup.num_classes),
-        "cnn": "not run: this benchmark measures the declared model, the MLP; the CNN twin "
-        "(cnn_ keys) is not built yet",
     }
+
+
+def run_twin(plan: Plan, seeds: list[int]) -> dict[str, Any]:
+    """Steps 1-4 for one model: step costs, schedule, selection, final runs, summary.
+
+    Returns:
+      ``setup``, ``costs``, ``candidates``, ``candidate`` (the chosen one), ``selection``,
+      ``runs`` (each tagged with ``model``) and ``summary`` (unprefixed keys).
+    """
+    t0 = time.perf_counter()
+    setup = Setup(plan, seeds)
+    costs = step_costs(setup)
+    schedule, candidates = choose_schedule(setup, costs)
+    candidate = next(c for c in candidates if c["chosen"])
+    logger.info("%s schedule: epochs %s, widths %s, predicted time ratio %.3f",
+                plan.model, schedule.epochs, candidate["widths"],
+                candidate["predicted_time_ratio"])  # fmt: skip
+    selection = select_arms(setup, schedule)
+    runs = [{"model": plan.model, **r} for r in final_runs(setup, schedule, selection)]
+    summary = summarize(runs, costs, candidate)
+    summary["configs_per_arm"] = len(plan.learning_rates)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    return {"setup": setup, "costs": costs, "candidates": candidates, "candidate": candidate,
+            "selection": selection, "runs": runs, "summary": summary}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -860,33 +956,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def flags(parser: Any) -> None:
         parser.add_argument("--final-width", type=int, default=None,
-                            help="final hidden width (a scaled-down run for timing)")  # fmt: skip
+                            help="the MLP's final hidden width (a scaled-down run for "
+                                 "timing)")  # fmt: skip
 
     args, seeds = harness.start(NAME, __doc__, argv, full_seeds=FULL.main_seeds,
                                 quick_seeds=QUICK.main_seeds, add_flags=flags)  # fmt: skip
-    plan = QUICK if args.quick else FULL
-    plan = dataclasses.replace(
-        plan,
-        epochs=harness.epochs_from_args(args, full=plan.epochs, quick=plan.epochs),
-        final_width=args.final_width or plan.final_width,
-    )
     t0 = time.perf_counter()
-    setup = Setup(plan, seeds)
-    costs = step_costs(setup)
-    schedule, candidates = choose_schedule(setup, costs)
-    candidate = next(c for c in candidates if c["chosen"])
-    logger.info("schedule: epochs %s, widths %s, predicted time ratio %.3f", schedule.epochs,
-                candidate["widths"], candidate["predicted_time_ratio"])  # fmt: skip
-    selection = select_arms(setup, schedule)
-    runs = final_runs(setup, schedule, selection)
-    summary = summarize(runs, costs, candidate)
-    summary["configs_per_arm"] = len(plan.learning_rates)
+    twins = {}
+    for prefix, (full, quick) in TWINS.items():
+        plan = quick if args.quick else full
+        plan = dataclasses.replace(
+            plan,
+            epochs=harness.epochs_from_args(args, full=plan.epochs, quick=plan.epochs),
+            final_width=(args.final_width if plan.model == "mlp" else None) or plan.final_width,
+        )
+        twins[prefix] = run_twin(plan, seeds)
+    summary, selection, runs, tables = {}, {}, [], []
+    for prefix, t in twins.items():
+        summary.update({prefix + k: v for k, v in t["summary"].items()})
+        selection.update({prefix + k: v for k, v in t["selection"].items()})
+        runs += t["runs"]
+        table = _table(t["setup"], t["costs"], t["candidates"], t["selection"], t["runs"],
+                       t["summary"])  # fmt: skip
+        tables.append(table if not prefix else f"### The CNN twin (`cnn_` keys)\n\n{table}")
     summary["wall_time_s"] = time.perf_counter() - t0
+    config = _config(twins[""]["setup"], twins[""]["costs"], twins[""]["candidates"])
+    config["cnn"] = _config(twins["cnn_"]["setup"], twins["cnn_"]["costs"],
+                            twins["cnn_"]["candidates"])  # fmt: skip
+    plot = _plot([{"label": t["setup"].label, "runs": t["runs"], "costs": t["costs"],
+                   "candidate": t["candidate"], "target": t["summary"]["target_accuracy"]}
+                  for t in twins.values()])  # fmt: skip
     harness.write_results(
-        NAME, args=args, config=_config(setup, costs, candidates), runs=runs, summary=summary,
-        claim_md=CLAIM, table_md=_table(setup, costs, candidates, selection, runs, summary),
-        plot=_plot(runs, costs, candidate, summary["target_accuracy"]), argv=argv,
-        selection=selection,
+        NAME, args=args, config=config, runs=runs, summary=summary, claim_md=CLAIM,
+        table_md="\n\n".join(tables), plot=plot, argv=argv, selection=selection,
     )  # fmt: skip
     logger.info("summary: %s", summary)
     return summary

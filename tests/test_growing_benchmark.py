@@ -70,31 +70,37 @@ def test_a_run_with_fresh_steps_compiles_and_counts_every_stage():
     assert all(row["compile_time_s"] == 0.0 for row in again["history"])
 
 
-def test_quick_run_records_selection_and_every_summary_key(tmp_path):
+def test_quick_run_records_selection_and_every_summary_key_of_both_twins(tmp_path):
     bench.main(["--quick", "--out-dir", str(tmp_path)])
     record = json.loads((tmp_path / "growing.quick.json").read_text())
-    sel = record["selection"]
-    n = len(bench.QUICK.learning_rates)
-    for arm in ("fixed", "grown"):
-        assert sel[arm]["configs_tried"] == n and len(sel[arm]["scores"]) == n, arm
-    for arm in bench.ABLATIONS:
-        assert sel[arm]["inherits"] == "grown" and sel[arm]["configs_tried"] == 0, arm
-        assert sel[arm]["chosen"] == sel["grown"]["chosen"]
-    s = record["summary"]
+    sel, s, n = record["selection"], record["summary"], len(bench.QUICK.learning_rates)
     plain = ["time_ratio", "time_ratio_with_compile", "time_to_accuracy_ratio",
              "time_to_accuracy_ratio_with_compile", "time_to_accuracy_seeds_reached",
              "predicted_time_ratio", "flop_ratio", "max_logit_change", "diverged_runs"]  # fmt: skip
     deltas = ["accuracy_delta_pt", "no_vt_accuracy_delta_pt", "no_lra_accuracy_delta_pt",
               "plain_accuracy_delta_pt", "carry_accuracy_delta_pt"]  # fmt: skip
-    for key in plain + deltas:
-        assert key in s, key
-    for key in deltas:
-        for ci in protocol.ci_keys(key):
-            assert ci in s and s[ci] is None, ci  # one seed: no interval
-    assert s["diverged_runs"] == sum(r["diverged"] for r in record["runs"])
-    assert {r["arm"] for r in record["runs"]} == set(bench.ARMS)
-    assert s["max_logit_change"] < 1e-4
-    config = record["config"]
-    assert [r["width"] for r in config["step_costs"]["table"]] == [16, 32]
-    assert sum(c["chosen"] for c in config["schedule_candidates"]) == 1
-    assert (tmp_path / "growing.quick.md").exists() and (tmp_path / "growing.quick.png").exists()
+    twins = (("", "mlp", record["config"], [16, 32]),
+             ("cnn_", "cnn", record["config"]["cnn"], [8, 16]))  # fmt: skip
+    for prefix, model, config, widths in twins:
+        for arm in ("fixed", "grown"):
+            assert sel[prefix + arm]["configs_tried"] == n, prefix + arm
+            assert len(sel[prefix + arm]["scores"]) == n, prefix + arm
+        for arm in bench.ABLATIONS:
+            assert sel[prefix + arm]["inherits"] == "grown", prefix + arm
+            assert sel[prefix + arm]["configs_tried"] == 0, prefix + arm
+            assert sel[prefix + arm]["chosen"] == sel[prefix + "grown"]["chosen"]
+        for key in plain + deltas:
+            assert prefix + key in s, prefix + key
+        for key in deltas:
+            for ci in protocol.ci_keys(prefix + key):
+                assert ci in s and s[ci] is None, ci  # one seed: no interval
+        runs = [r for r in record["runs"] if r["model"] == model]
+        assert s[prefix + "diverged_runs"] == sum(r["diverged"] for r in runs)
+        assert {r["arm"] for r in runs} == set(bench.ARMS), model
+        assert None not in (s[prefix + "fixed_accuracy"], s[prefix + "accuracy_delta_pt"])
+        assert s[prefix + "max_logit_change"] < 1e-4  # every growth preserved the function
+        assert [r["width"] for r in config["step_costs"]["table"]] == widths
+        assert sum(c["chosen"] for c in config["schedule_candidates"]) == 1
+    assert record["config"]["model"].startswith("MLP") and config["model"].startswith("CNN")
+    md = (tmp_path / "growing.quick.md").read_text()
+    assert "### The CNN twin" in md and (tmp_path / "growing.quick.png").exists()
