@@ -150,6 +150,9 @@ QUESTIONS: tuple[Question, ...] = (
             ("accuracy_delta_pt", "grown minus fixed network, pt"),
             ("no_vt_accuracy_delta_pt", "without variance transfer minus grown, pt"),
             ("no_lra_accuracy_delta_pt", "without rate adaptation minus grown, pt"),
+            ("cnn_time_ratio", "CNN twin: grown train time / fixed network's"),
+            ("cnn_time_ratio_with_compile", "CNN twin: the same, compilation included"),
+            ("cnn_accuracy_delta_pt", "CNN twin: grown minus fixed network, pt"),
         ),
         "Growth saves compute in proportion to the steps run at small widths (FLOP ratio "
         "{flop_ratio:.2f}); the wall-time saving needs a step that is compute-bound at every "

@@ -312,7 +312,7 @@ QUOTED = [
      ["predicted_time_ratio", "stage_step_time_ratio"], 3),
     ("growing.md", "growing", r"compilation counted, the ratio is \*\*{n}\*\*",
      ["time_ratio_with_compile"], 3),
-    ("growing.md", "growing", r"`grown` ends \*\*{n} points\*\* below `fixed` \(\[{n}, {n}\]\)",
+    ("growing.md", "growing", r"`grown` ends \*\*{n} points\*\* below `fixed` \(\[{n}, {n}\]\); it",
      ["-accuracy_delta_pt", "accuracy_delta_ci_low_pt", "accuracy_delta_ci_high_pt"], 2),
     ("growing.md", "growing", r"time-to-accuracy ratio \({n}; {n} with compile\)",
      ["time_to_accuracy_ratio", "time_to_accuracy_ratio_with_compile"], 3),
@@ -320,9 +320,30 @@ QUOTED = [
      r"it reached the target \(fixed's mean less 0\.5 pt\) on only {n} of",
      ["time_to_accuracy_seeds_reached"], 0),
     ("growing.md", "growing",
-     r"without variance transfer {n} \[{n}, {n}\]; without rate adaptation {n} \[{n}, {n}\]; "
+     r"`grown`, 5 seeds\): without variance transfer {n} \[{n}, {n}\]; without rate adaptation "
+     r"{n} "
+     r"\[{n}, {n}\]; "
      r"pairing only {n} \[{n}, {n}\]; momentum carried {n} \[{n}, {n}\]",
      _with_ci(*(f"{a}_accuracy_delta_pt" for a in ("no_vt", "no_lra", "plain", "carry"))), 2),
+    ("growing.md", "growing", r"The grown CNN trained in \*\*{n}\*\* of the fixed network's "
+     r"train time, as the\s+step-time table predicted \({n}\)",
+     ["cnn_time_ratio", "cnn_predicted_time_ratio"], 3),
+    ("growing.md", "growing", r"saving follows the FLOPs more closely \(ratio {n}\)",
+     ["cnn_flop_ratio"], 3),
+    ("growing.md", "growing", r"Compilation\s+counted, the ratio is \*\*{n}\*\*",
+     ["cnn_time_ratio_with_compile"], 3),
+    ("growing.md", "growing",
+     r"`grown` ends \*\*{n} points\*\* below `fixed` \(\[{n}, {n}\]\), within",
+     ["-cnn_accuracy_delta_pt", "cnn_accuracy_delta_ci_low_pt", "cnn_accuracy_delta_ci_high_pt"],
+     2),
+    ("growing.md", "growing", r"it reached the target on {n} of 10 seeds",
+     ["cnn_time_to_accuracy_seeds_reached"], 0),
+    ("growing.md", "growing", r"The ratio is {n} \({n} with compile\): the fixed network",
+     ["cnn_time_to_accuracy_ratio", "cnn_time_to_accuracy_ratio_with_compile"], 3),
+    ("growing.md", "growing",
+     r"\(5 seeds\): without variance transfer {n} \[{n}, {n}\]; without rate\s+adaptation {n} "
+     r"\[{n}, {n}\]; pairing only {n} \[{n}, {n}\]; momentum carried {n}\s+\[{n}, {n}\]",
+     _with_ci(*(f"cnn_{a}_accuracy_delta_pt" for a in ("no_vt", "no_lra", "plain", "carry"))), 2),
     ("phases.md", "step_cost",
      r"\| head-only: time ratio / FLOP ratio \| {n} / {n} = \*\*[\d.]+\*\* \| {n} / {n} =",
      ["head_only_time_ratio", "head_only_flop_ratio", "resnet_head_only_time_ratio",
