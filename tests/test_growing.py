@@ -19,6 +19,7 @@ from optax_multirate.growing import (
     grow_variables,
     growth_lr_adaptation,
 )
+from optax_multirate.growing.rate_adaptation import sq_norms_of
 from optax_multirate.models import CNN, MLP, ResNet
 from optax_multirate.phases import freeze_schedule
 
@@ -401,7 +402,13 @@ def test_grow_variables_finds_what_grow_knows_by_name(name):
     for a, b, o in zip(jax.tree.leaves(ref), jax.tree.leaves(out), jax.tree.leaves(v)):
         block = tuple(slice(0, n) for n in np.shape(o))
         np.testing.assert_array_equal(np.asarray(a)[block], np.asarray(b)[block])
-    for a, b in zip(jax.tree.leaves(ref_st), jax.tree.leaves(out_st)):  # births, momentum
+    # births, momentum; the stage norms (new units drawn apart) each from its own params
+    lra = lambda s: s[1]  # noqa: E731  (trace, LRA, scale)
+    for st_, params in ((ref_st, ref["params"]), (out_st, out["params"])):
+        want = sq_norms_of(params, lra(st_).birth, 3, per_layer=False)
+        np.testing.assert_array_equal(lra(st_).sq_norms, want)
+    strip = lambda s: optax.tree_utils.tree_set(s, sq_norms=jnp.zeros(3))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(strip(ref_st)), jax.tree.leaves(strip(out_st))):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(_apply(m1, out, x, False), _apply(m0, v, x, False), atol=1e-5)
 
@@ -598,6 +605,34 @@ def test_lra_refresh_stage_freezes_until_growth():
     p3 = {"k": {"kernel": jnp.asarray([1.0, 9.0])}}
     u, st = update(p, st, p3)
     assert float(st.ratios[1]) == 4.0 and float(u["k"]["kernel"][1]) == 8.0  # clipped
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_lra_refresh_growth_equals_stage_through_grow(scope):
+    """``refresh="growth"`` reads the norms that init and ``grow`` record: the same updates as
+    ``refresh="stage"`` (which computes them in the step), before and after a growth."""
+    m0, m1 = MLP(features=(4, 5)), MLP(features=(8, 9))
+    x = jax.random.normal(jax.random.key(1), (6, 7))
+    grads = lambda p: jax.tree.map(lambda w: jnp.cos(w) + 0.5, p)  # noqa: E731
+    txs = {r: optax.chain(optax.trace(0.9), growth_lr_adaptation(3, refresh=r, scope=scope,
+                                                                 clip=(0.25, 8.0)),
+                          optax.scale(-0.1)) for r in ("stage", "growth")}  # fmt: skip
+    runs = {}
+    for refresh, tx in txs.items():
+        v = _variables(m0, x)
+        st, update, seen = tx.init(v["params"]), jax.jit(tx.update), []
+        for step in range(5):
+            if step == 2:
+                v, st = grow(v, st, 0, key=KEY, next_shapes=_shapes(m1, x), optimizer=tx)
+            u, st = update(grads(v["params"]), st, v["params"])
+            v = {**v, "params": optax.apply_updates(v["params"], u)}
+            seen.append((u, st[1].ratios))
+        runs[refresh] = seen
+    assert not np.all(np.asarray(runs["stage"][-1][1]) == 1.0)  # a stage with its own rate
+    for (u_stage, r_stage), (u_growth, r_growth) in zip(runs["stage"], runs["growth"]):
+        np.testing.assert_allclose(r_growth, r_stage, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     u_growth, u_stage)  # fmt: skip
 
 
 def test_lra_under_inject_hyperparams():

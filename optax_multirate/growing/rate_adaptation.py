@@ -28,15 +28,53 @@ class GrowthLRAState(NamedTuple):
       ratios: f32[S] (f32[L, S] with ``scope="per_layer"``, one row per kernel): the ratios
         ``r_t`` applied by the last update.
       lra_stale: bool[]: recompute the ratios at the next update (``refresh="stage"``).
+      sq_norms: f32 shaped like ``ratios``: each stage's squared norm :math:`N_t^2` over the
+        kernels when the network last grew (set by ``init`` and by every growth), -1 for a
+        stage with no element yet; ``refresh="growth"`` computes its ratios from it.
     """
 
     birth: Any
     ratios: jax.Array
     lra_stale: jax.Array
+    sq_norms: jax.Array
 
 
 def _is_kernel(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def stage_sums(
+    params: Any, birth: Any, num_stages: int, *, per_layer: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Per-stage sums of squared kernel elements and element counts.
+
+    Each leaf of ``birth`` is matched to the leaf of ``params`` at the same path (``params``
+    may hold more leaves, e.g. when the state lives under ``optax.masked``).
+
+    Returns:
+      ``(sq, cnt)``, each f32[S], or f32[L, S] with ``per_layer`` (one row per kernel).
+    """
+    by_path = dict(zip(labels_lib.leaf_paths(params), jax.tree.leaves(params)))
+    sqs, cnts = [], []
+    for path, b in zip(labels_lib.leaf_paths(birth), jax.tree.leaves(birth)):
+        if _is_kernel(path):
+            ids = jnp.ravel(b).astype(jnp.int32)
+            w2 = jnp.square(jnp.asarray(by_path[path], jnp.float32)).ravel()
+            sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num_stages))
+            cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num_stages))
+    zero = jnp.zeros((num_stages,), jnp.float32)
+    if not per_layer:
+        return sum(sqs, zero), sum(cnts, zero)
+    if not sqs:
+        return jnp.zeros((0, num_stages), jnp.float32), jnp.zeros((0, num_stages), jnp.float32)
+    return jnp.stack(sqs), jnp.stack(cnts)
+
+
+def sq_norms_of(params: Any, birth: Any, num_stages: int, *, per_layer: bool) -> jax.Array:
+    """:attr:`GrowthLRAState.sq_norms` for ``params`` and ``birth``: -1 where a stage has no
+    element."""
+    sq, cnt = stage_sums(params, birth, num_stages, per_layer=per_layer)
+    return jnp.where(cnt > 0, sq, -1.0)
 
 
 def growth_lr_adaptation(
@@ -63,8 +101,12 @@ def growth_lr_adaptation(
 
     Args:
       num_stages: number of stages ``S`` (>= 1).
-      refresh: ``"step"`` (recompute ``r`` every update) or ``"stage"`` (freeze ``r`` at the
-        first update of each stage; :func:`grow` marks the state stale).
+      refresh: ``"step"`` (recompute ``r`` every update), ``"stage"`` (freeze ``r`` at the
+        first update of each stage; :func:`grow` marks the state stale) or ``"growth"``
+        (``r`` from the norms that ``init`` and every growth record in the state: the same
+        ratios as ``"stage"``, with no norm computation in the step at all; the network must
+        grow through :func:`grow`, :func:`grow_variables` or :func:`grow_module`, which
+        record them).
       scope: ``"global"`` (one norm per stage over all kernels) or ``"per_layer"`` (per kernel).
       apply_to: ``"kernels"`` (scale kernel updates only) or ``"all"`` (biases and batch-norm
         leaves follow the stage of their unit; needs ``scope="global"``).
@@ -92,7 +134,7 @@ def growth_lr_adaptation(
       1.3333
     """
     num = _checks.check_int("num_stages", num_stages, low=1, static=True)
-    _checks.check_choice("refresh", refresh, ("step", "stage"))
+    _checks.check_choice("refresh", refresh, ("step", "stage", "growth"))
     _checks.check_choice("scope", scope, ("global", "per_layer"))
     _checks.check_choice("apply_to", apply_to, ("kernels", "all"))
     if apply_to == "all" and scope != "global":
@@ -110,7 +152,8 @@ def growth_lr_adaptation(
         birth = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), bdtype), params)
         n = sum(map(_is_kernel, labels_lib.leaf_paths(params)))
         shape = (num,) if scope == "global" else (n, num)
-        return GrowthLRAState(birth, jnp.ones(shape, jnp.float32), jnp.asarray(True))
+        sq_norms = sq_norms_of(params, birth, num, per_layer=scope == "per_layer")
+        return GrowthLRAState(birth, jnp.ones(shape, jnp.float32), jnp.asarray(True), sq_norms)
 
     def ratios_of(sq: jax.Array, cnt: jax.Array) -> jax.Array:
         r = jnp.sqrt(sq) / jnp.sqrt(jnp.maximum(sq[..., :1], eps))
@@ -130,21 +173,13 @@ def growth_lr_adaptation(
         b_leaves = jax.tree.leaves(state.birth)
 
         def fresh() -> jax.Array:
-            sqs, cnts = [], []
-            for path, w, b in zip(paths, jax.tree.leaves(params), b_leaves):
-                if _is_kernel(path):
-                    ids = b.ravel().astype(jnp.int32)
-                    w2 = jnp.square(w.astype(jnp.float32)).ravel()
-                    sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num))
-                    cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num))
-            if scope == "global":
-                zero = jnp.zeros((num,), jnp.float32)
-                return ratios_of(sum(sqs, zero), sum(cnts, zero))
-            if not sqs:
-                return state.ratios
-            return ratios_of(jnp.stack(sqs), jnp.stack(cnts)).reshape(state.ratios.shape)
+            sq, cnt = stage_sums(params, state.birth, num, per_layer=scope == "per_layer")
+            return ratios_of(sq, cnt).reshape(state.ratios.shape)
 
-        if refresh == "stage":  # the norms are computed only on a stage's first step
+        if refresh == "growth":  # the norms recorded at the last growth: no reduction here
+            known = state.sq_norms >= 0
+            ratios = ratios_of(jnp.where(known, state.sq_norms, 0.0), known)
+        elif refresh == "stage":  # the norms are computed only on a stage's first step
             ratios = jax.lax.cond(state.lra_stale, fresh, lambda: state.ratios)
         else:
             ratios = fresh()
@@ -156,6 +191,6 @@ def growth_lr_adaptation(
                 k += _is_kernel(path)
             out.append(u)
         updates = jax.tree.unflatten(jax.tree.structure(updates), out)
-        return updates, GrowthLRAState(state.birth, ratios, jnp.asarray(False))
+        return updates, state._replace(ratios=ratios, lra_stale=jnp.asarray(False))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

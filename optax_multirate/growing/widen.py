@@ -30,7 +30,7 @@ import optax
 
 from optax_multirate import _checks
 from optax_multirate import labels as labels_lib
-from optax_multirate.growing.rate_adaptation import GrowthLRAState
+from optax_multirate.growing.rate_adaptation import GrowthLRAState, sq_norms_of
 
 __all__ = ["grow"]
 
@@ -500,6 +500,11 @@ def _grow_state(
             new = np.zeros(n.shape, np.float32)
         out.append(jax.device_put(new.astype(n.dtype)))
     state = jax.tree.unflatten(new_def, out)
-    if optax.tree_utils.tree_get_all_with_path(state, "lra_stale"):
-        state = optax.tree_utils.tree_set(state, lra_stale=jnp.asarray(True))
-    return state
+
+    def lra(s: GrowthLRAState) -> GrowthLRAState:  # stale, and the new stage's norms recorded
+        per_layer = s.sq_norms.ndim == 2
+        sq = sq_norms_of(new_params, s.birth, s.ratios.shape[-1], per_layer=per_layer)
+        return s._replace(lra_stale=jnp.asarray(True), sq_norms=sq)
+
+    is_lra = lambda x: isinstance(x, GrowthLRAState)  # noqa: E731
+    return jax.tree.map(lambda x: lra(x) if is_lra(x) else x, state, is_leaf=is_lra)
