@@ -405,8 +405,10 @@ def test_grow_variables_finds_what_grow_knows_by_name(name):
     # births, momentum; the stage norms (new units drawn apart) each from its own params
     lra = lambda s: s[1]  # noqa: E731  (trace, LRA, scale)
     for st_, params in ((ref_st, ref["params"]), (out_st, out["params"])):
-        want = sq_norms_of(params, lra(st_).birth, 3, per_layer=False)
+        want = sq_norms_of(params, lra(st_).birth, 3, per_layer=False, host=True)
         np.testing.assert_array_equal(lra(st_).sq_norms, want)
+        traced = jax.jit(lambda p, b: sq_norms_of(p, b, 3, per_layer=False))(params, lra(st_).birth)
+        np.testing.assert_allclose(traced, want, rtol=1e-5)  # the in-step sums: the same norms
     strip = lambda s: optax.tree_utils.tree_set(s, sq_norms=jnp.zeros(3))  # noqa: E731
     for a, b in zip(jax.tree.leaves(strip(ref_st)), jax.tree.leaves(strip(out_st))):
         np.testing.assert_array_equal(a, b)

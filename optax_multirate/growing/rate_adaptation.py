@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_multirate import _checks
@@ -44,37 +45,50 @@ def _is_kernel(path: str) -> bool:
 
 
 def stage_sums(
-    params: Any, birth: Any, num_stages: int, *, per_layer: bool
-) -> tuple[jax.Array, jax.Array]:
+    params: Any, birth: Any, num_stages: int, *, per_layer: bool, host: bool = False
+) -> tuple[Any, Any]:
     """Per-stage sums of squared kernel elements and element counts.
 
     Each leaf of ``birth`` is matched to the leaf of ``params`` at the same path (``params``
-    may hold more leaves, e.g. when the state lives under ``optax.masked``).
+    may hold more leaves, e.g. when the state lives under ``optax.masked``). ``host=True``
+    sums in numpy (float64, nothing compiles: growth runs it once per new shape); otherwise in
+    JAX (traceable, inside the train step).
 
     Returns:
       ``(sq, cnt)``, each f32[S], or f32[L, S] with ``per_layer`` (one row per kernel).
     """
+    xp = np if host else jnp
+
+    def segment(values: Any, ids: Any) -> Any:
+        if host:
+            return np.bincount(ids, weights=values, minlength=num_stages)
+        return jax.ops.segment_sum(values, ids, num_segments=num_stages)
+
     by_path = dict(zip(labels_lib.leaf_paths(params), jax.tree.leaves(params)))
     sqs, cnts = [], []
     for path, b in zip(labels_lib.leaf_paths(birth), jax.tree.leaves(birth)):
         if _is_kernel(path):
-            ids = jnp.ravel(b).astype(jnp.int32)
-            w2 = jnp.square(jnp.asarray(by_path[path], jnp.float32)).ravel()
-            sqs.append(jax.ops.segment_sum(w2, ids, num_segments=num_stages))
-            cnts.append(jax.ops.segment_sum(jnp.ones_like(w2), ids, num_segments=num_stages))
-    zero = jnp.zeros((num_stages,), jnp.float32)
+            ids = xp.ravel(xp.asarray(b)).astype(xp.int32)
+            w2 = xp.square(xp.asarray(by_path[path], xp.float32)).ravel()
+            sqs.append(segment(w2, ids))
+            cnts.append(segment(xp.ones_like(w2), ids))
     if not per_layer:
-        return sum(sqs, zero), sum(cnts, zero)
-    if not sqs:
-        return jnp.zeros((0, num_stages), jnp.float32), jnp.zeros((0, num_stages), jnp.float32)
-    return jnp.stack(sqs), jnp.stack(cnts)
+        sq, cnt = sum(sqs, xp.zeros(num_stages)), sum(cnts, xp.zeros(num_stages))
+    elif sqs:
+        sq, cnt = xp.stack(sqs), xp.stack(cnts)
+    else:
+        sq = cnt = xp.zeros((0, num_stages))
+    return sq.astype(xp.float32), cnt.astype(xp.float32)
 
 
-def sq_norms_of(params: Any, birth: Any, num_stages: int, *, per_layer: bool) -> jax.Array:
+def sq_norms_of(
+    params: Any, birth: Any, num_stages: int, *, per_layer: bool, host: bool = False
+) -> Any:
     """:attr:`GrowthLRAState.sq_norms` for ``params`` and ``birth``: -1 where a stage has no
-    element."""
-    sq, cnt = stage_sums(params, birth, num_stages, per_layer=per_layer)
-    return jnp.where(cnt > 0, sq, -1.0)
+    element (``host`` as in :func:`stage_sums`)."""
+    xp = np if host else jnp
+    sq, cnt = stage_sums(params, birth, num_stages, per_layer=per_layer, host=host)
+    return xp.where(cnt > 0, sq, xp.float32(-1.0)).astype(xp.float32)
 
 
 def growth_lr_adaptation(

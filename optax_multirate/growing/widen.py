@@ -503,8 +503,8 @@ def _grow_state(
 
     def lra(s: GrowthLRAState) -> GrowthLRAState:  # stale, and the new stage's norms recorded
         per_layer = s.sq_norms.ndim == 2
-        sq = sq_norms_of(new_params, s.birth, s.ratios.shape[-1], per_layer=per_layer)
-        return s._replace(lra_stale=jnp.asarray(True), sq_norms=sq)
+        sq = sq_norms_of(new_params, s.birth, s.ratios.shape[-1], per_layer=per_layer, host=True)
+        return s._replace(lra_stale=jnp.asarray(True), sq_norms=jax.device_put(sq))
 
     is_lra = lambda x: isinstance(x, GrowthLRAState)  # noqa: E731
     return jax.tree.map(lambda x: lra(x) if is_lra(x) else x, state, is_leaf=is_lra)
