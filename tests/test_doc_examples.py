@@ -95,9 +95,11 @@ def _getting_started(after, out):
 
 
 def _growing(after, out):
-    page, (first, _, fitted, grown) = "growing.md", after[:4]
-    for expr in ("s.widths", "s.epochs"):
-        assert eval(expr, first) == ast.literal_eval(_comment(page, expr))
+    page, (first, rounded, _, fitted, grown) = "growing.md", after[:5]
+    text = (DOCS / page).read_text()
+    for expr in ("s.widths", "s.epochs"):  # the plain schedule, then the one with multiple_of
+        stated = re.findall(rf"^{re.escape(expr)}\s*# (.*)$", text, re.M)
+        assert [eval(expr, ns) for ns in (first, rounded)] == list(map(ast.literal_eval, stated))
     ratio = float(_comment(page, "s.predicted_cost_ratio()"))
     assert round(first["s"].predicted_cost_ratio(), 2) == ratio
     # one compile per stage: five for the page's schedule (that of `s`), two for the shortened

@@ -91,9 +91,38 @@ def test_schedule_plan_a_and_paper():
     assert GrowthSchedule((8,), total_epochs=3, m0=1.0).epochs == (3,)
 
 
+def test_schedule_multiple_of_rounds_early_widths_up_and_keeps_growth_working():
+    kw = dict(total_epochs=20, m0=0.25, p_c=0.5, t0=3, p_t=0.0)
+    s = GrowthSchedule((64, 40), multiple_of=16, **kw)
+    plain = GrowthSchedule((64, 40), **kw)
+    assert s.widths[-1] == (64, 40) and plain.epochs == (3, 3, 3, 3, 8)
+    # 34 -> 48 capped at 40: stages 3 and 4 have the same widths and become one
+    assert s.widths == ((16, 16), (32, 16), (48, 32), (64, 40)) and s.epochs == (3, 3, 3, 11)
+    assert all(a >= b for w, p in zip(s.widths, plain.widths) for a, b in zip(w, p))
+    assert all(a != b for a, b in zip(s.widths, s.widths[1:]))
+    inc = np.diff(np.asarray(s.widths), axis=0)
+    assert (inc >= 0).all() and (inc % 2 == 0).all()  # pairs, as grow(pairing=True) needs
+    odd = GrowthSchedule((63,), even=False, multiple_of=8, **kw)  # 16, 24, 36, 54, 63 plain
+    assert odd.widths == ((16,), (24,), (40,), (56,), (63,))
+    # widths 4, 6 -> 8, 8: one growth fewer, and the grown training runs
+    split = _toy_split()
+    sched = GrowthSchedule((8,), total_epochs=6, m0=0.5, p_c=0.2, t0=1, p_t=0.0, multiple_of=8)
+    assert GrowthSchedule((8,), total_epochs=6, m0=0.5, p_c=0.2, t0=1, p_t=0.0).widths[:2] == (
+        (4,), (6,))
+    assert sched.widths == ((8,),) and sched.epochs == (6,)
+    sched = GrowthSchedule((16,), total_epochs=6, m0=0.25, p_c=1.0, t0=1, multiple_of=8)
+    assert sched.widths == ((8,), (16,)) and sched.epochs == (3, 3)  # 4 and 8 -> one stage
+    res = fit_grown(lambda w: MLP(w, num_classes=2), _tx(sched.num_stages), split, split, sched,
+                    batch_size=32, seed=0)  # fmt: skip
+    assert [g["stage"] for g in res.growths] == [1] and res.growths[0]["max_logit_change"] < 1e-4
+
+
 @pytest.mark.parametrize(
     "kwargs,arg",
     [
+        (dict(multiple_of=0), "multiple_of"),
+        (dict(multiple_of=5), "multiple_of"),  # odd, with even=True
+        (dict(final_widths=(63,), multiple_of=8), "multiple_of"),  # an odd final width
         (dict(m0=0.0), "m0"),
         (dict(m0=1.5), "m0"),
         (dict(p_c=0.0), "p_c"),
