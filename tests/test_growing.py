@@ -107,8 +107,8 @@ def test_schedule_multiple_of_rounds_early_widths_up_and_keeps_growth_working():
     # widths 4, 6 -> 8, 8: one growth fewer, and the grown training runs
     split = _toy_split()
     sched = GrowthSchedule((8,), total_epochs=6, m0=0.5, p_c=0.2, t0=1, p_t=0.0, multiple_of=8)
-    assert GrowthSchedule((8,), total_epochs=6, m0=0.5, p_c=0.2, t0=1, p_t=0.0).widths[:2] == (
-        (4,), (6,))
+    small = GrowthSchedule((8,), total_epochs=6, m0=0.5, p_c=0.2, t0=1, p_t=0.0)
+    assert small.widths == ((4,), (6,), (8,)) and small.epochs == (1, 2, 3)  # 4, 6, 6, 8, 8
     assert sched.widths == ((8,),) and sched.epochs == (6,)
     sched = GrowthSchedule((16,), total_epochs=6, m0=0.25, p_c=1.0, t0=1, multiple_of=8)
     assert sched.widths == ((8,), (16,)) and sched.epochs == (3, 3)  # 4 and 8 -> one stage

@@ -23,7 +23,9 @@ class GrowthSchedule:
     Stage ``t`` uses the width multiplier ``m_t = min(1, m0 * (1 + p_c) ** t)``; every layer's
     increment is rounded up to an even number (``even=True``, so new units come in pairs; the
     first width is chosen with the parity of the final one) and the last stage is exactly
-    ``final_widths``. Stage epochs: ``T_0 = t0``, ``T_t = T_{t-1} + round(p_t * T_{t-1})``
+    ``final_widths``. Consecutive stages that come out with the same widths (small widths,
+    or ``multiple_of``) become one stage, their epochs added: every growth adds units.
+    Stage epochs: ``T_0 = t0``, ``T_t = T_{t-1} + round(p_t * T_{t-1})``
     (halves rounded up), and the last stage gets what remains of ``total_epochs``.
 
     Attributes:
@@ -35,8 +37,7 @@ class GrowthSchedule:
       p_t: epoch growth rate per stage (>= 0); ``None`` means ``p_c``.
       even: round increments up to even numbers (needed by ``grow(..., pairing=True)``).
       multiple_of: None, or round every width before the last stage up to a multiple of this
-        (capped at the final width; consecutive stages left with the same widths become one
-        stage, their epochs added): accelerators and XLA's CPU kernels often run widths that
+        (capped at the final width): accelerators and XLA's CPU kernels often run widths that
         are multiples of 8 or 16 at a lower cost per FLOP. With ``even=True`` it must be even
         and the final widths too, so that every increment stays even.
       widths: ``widths[t]`` is the per-layer widths of stage ``t`` (derived).
@@ -119,15 +120,13 @@ class GrowthSchedule:
                 "(lower t0 or p_t, or raise total_epochs)"
             )
         epochs.append(total - sum(epochs))
-        stages = list(zip(*widths))
-        if mult is not None:  # rounding may give two stages the same widths: one stage
-            merged: list[tuple[tuple[int, ...], int]] = []
-            for w, e in zip(stages, epochs):
-                if merged and merged[-1][0] == w:
-                    merged[-1] = (w, merged[-1][1] + e)
-                else:
-                    merged.append((w, e))
-            stages, epochs = [w for w, _ in merged], [e for _, e in merged]
+        merged: list[tuple[tuple[int, ...], int]] = []  # a growth must add units: stages
+        for w, e in zip(zip(*widths), epochs):  # with the same widths become one
+            if merged and merged[-1][0] == w:
+                merged[-1] = (w, merged[-1][1] + e)
+            else:
+                merged.append((w, e))
+        stages, epochs = [w for w, _ in merged], [e for _, e in merged]
         for name, value in (("final_widths", fw), ("total_epochs", total), ("m0", m0),
                             ("p_c", p_c), ("t0", t0), ("even", even),
                             ("multiple_of", mult)):  # fmt: skip
