@@ -52,6 +52,10 @@ __all__ = [
     "result_paths",
     "plot_curves",
     "write_results",
+    "write_text",
+    "ci_keys",
+    "number",
+    "delta_text",
     "setup_logging",
 ]
 
@@ -455,6 +459,45 @@ def plot_curves(
     return plot
 
 
+def ci_keys(key: str) -> tuple[str, str]:
+    """The interval's keys of a delta key: ``x_pt`` -> ``(x_ci_low_pt, x_ci_high_pt)``.
+
+    Raises:
+      ValueError: if ``key`` does not end in ``_pt``.
+
+    Examples:
+      >>> ci_keys("k5_accuracy_delta_pt")
+      ('k5_accuracy_delta_ci_low_pt', 'k5_accuracy_delta_ci_high_pt')
+    """
+    if not (isinstance(key, str) and key.endswith("_pt")):
+        raise ValueError(f"key must be a delta key ending in '_pt', got {key!r}")
+    return f"{key[:-3]}_ci_low_pt", f"{key[:-3]}_ci_high_pt"
+
+
+def number(x: Any, spec: str = "+.2f") -> str:
+    """``x`` formatted with ``spec`` for a results table, ``n/a`` for None, nan or inf.
+
+    Examples:
+      >>> number(-0.7481), number(None), number(float("nan"), ".3f")
+      ('-0.75', 'n/a', 'n/a')
+    """
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def delta_text(summary: Mapping[str, Any], key: str, spec: str = "+.2f") -> str:
+    """A delta and its interval for a results table: ``"mean [low, high]"`` (:func:`ci_keys`).
+
+    Examples:
+      >>> s = {"d_pt": -0.68, "d_ci_low_pt": -1.84, "d_ci_high_pt": None}
+      >>> delta_text(s, "d_pt")
+      '-0.68 [-1.84, n/a]'
+    """
+    low, high = (number(summary[k], spec) for k in ci_keys(key))
+    return f"{number(summary[key], spec)} [{low}, {high}]"
+
+
 def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
     """Writes through ``write(tmp_path)`` to a temp file beside ``path``; returns the temp."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -468,6 +511,14 @@ def _atomic_write(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> 
         tmp_path.unlink(missing_ok=True)
         raise
     return tmp_path
+
+
+def write_text(path: pathlib.Path, text: str) -> pathlib.Path:
+    """Writes ``text`` to ``path`` through a temp file renamed into place (a failed write
+    leaves the old file); returns ``path``."""
+    os.replace(_atomic_write(path, lambda p: p.write_text(text)), path)
+    logger.info("wrote %s", path)
+    return path
 
 
 def _json_default(x: Any) -> Any:

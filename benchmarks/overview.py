@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import pathlib
-import tempfile
+
+from benchmarks import harness
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +235,7 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     results_dir = pathlib.Path(args.results_dir)
     text = build(results_dir)
-    out = pathlib.Path(args.out) if args.out else results_dir / "overview.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".overview.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    log.info("wrote %s", out)
+    harness.write_text(pathlib.Path(args.out) if args.out else results_dir / "overview.md", text)
     if args.out is None:  # the "which method when" page reads the same files
         from benchmarks import which_method
 

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from benchmarks import harness
+from benchmarks.harness import ci_keys, delta_text, number  # re-exported: the protocol's names
 from optax_multirate import _checks
 from optax_multirate.data import Split, validation_split
 
@@ -676,45 +677,6 @@ def t_interval(
 
     lo, hi = stats.t.interval(confidence, v.size - 1, loc=v.mean(), scale=stats.sem(v))
     return float(lo), float(hi)
-
-
-def ci_keys(key: str) -> tuple[str, str]:
-    """The interval's keys of a delta key: ``x_pt`` -> ``(x_ci_low_pt, x_ci_high_pt)``.
-
-    Raises:
-      ValueError: if ``key`` does not end in ``_pt``.
-
-    Examples:
-      >>> ci_keys("k5_accuracy_delta_pt")
-      ('k5_accuracy_delta_ci_low_pt', 'k5_accuracy_delta_ci_high_pt')
-    """
-    if not (isinstance(key, str) and key.endswith("_pt")):
-        raise ValueError(f"key must be a delta key ending in '_pt', got {key!r}")
-    return f"{key[:-3]}_ci_low_pt", f"{key[:-3]}_ci_high_pt"
-
-
-def number(x: Any, spec: str = "+.2f") -> str:
-    """``x`` formatted with ``spec`` for a results table, ``n/a`` for None, nan or inf.
-
-    Examples:
-      >>> number(-0.7481), number(None), number(float("nan"), ".3f")
-      ('-0.75', 'n/a', 'n/a')
-    """
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
-
-
-def delta_text(summary: Mapping[str, Any], key: str, spec: str = "+.2f") -> str:
-    """A delta and its interval for a results table: ``"mean [low, high]"`` (:func:`ci_keys`).
-
-    Examples:
-      >>> s = {"d_pt": -0.68, "d_ci_low_pt": -1.84, "d_ci_high_pt": None}
-      >>> delta_text(s, "d_pt")
-      '-0.68 [-1.84, n/a]'
-    """
-    low, high = (number(summary[k], spec) for k in ci_keys(key))
-    return f"{number(summary[key], spec)} [{low}, {high}]"
 
 
 def put_delta(

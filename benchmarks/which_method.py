@@ -19,14 +19,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-log = logging.getLogger(__name__)
+from benchmarks import harness
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 OUT_NAME = "which_method.md"
@@ -207,15 +205,9 @@ QUESTIONS: tuple[Question, ...] = (
 
 
 def _fmt(v: Any, spec: str = "") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if spec:
-        return format(v, spec)
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
-    return str(v)
+    if not spec and isinstance(v, float) and math.isfinite(v):
+        spec = ".3g" if abs(v) < 1 else ".2f"
+    return harness.number(v, spec)  # n/a for None, nan or inf
 
 
 def figure(summary: Mapping[str, Any], key: str, spec: str = "") -> str:
@@ -231,13 +223,9 @@ def figure(summary: Mapping[str, Any], key: str, spec: str = "") -> str:
       >>> figure({"r": 0.4721}, "r", ".2f")
       '0.47'
     """
-    v = summary[key]
-    if spec == "ci" and key[:-3] + "_ci_low_pt" not in summary:
-        spec = "+.2f"
-    if spec != "ci":
-        return _fmt(v, spec)
-    lo, hi = summary.get(key[:-3] + "_ci_low_pt"), summary.get(key[:-3] + "_ci_high_pt")
-    return f"{_fmt(v, '+.2f')} [{_fmt(lo, '+.2f')}, {_fmt(hi, '+.2f')}]"
+    if spec == "ci" and key.endswith("_pt") and harness.ci_keys(key)[0] in summary:
+        return harness.delta_text(summary, key)
+    return _fmt(summary[key], "+.2f" if spec == "ci" else spec)
 
 
 def render(template: str, summary: Mapping[str, Any]) -> str:
@@ -387,15 +375,7 @@ def _anchor(title: str) -> str:
 
 def write(results_dir: pathlib.Path = RESULTS, out: pathlib.Path | None = None) -> pathlib.Path:
     """Writes the page atomically; returns its path."""
-    text = build(results_dir)
-    out = out or results_dir / OUT_NAME
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    log.info("wrote %s", out)
-    return out
+    return harness.write_text(out or results_dir / OUT_NAME, build(results_dir))
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:

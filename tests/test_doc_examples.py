@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks.harness import ci_keys
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,12 +68,19 @@ def _blocks(page: str) -> list[str]:
     return blocks
 
 
+def _comments(page: str, line: str) -> list[str]:
+    """What the comment after each occurrence of a code line states, in page order:
+    ``s.widths  # ((4, 8), ...)`` gives ``((4, 8), ...)``; words after a ``": "`` are left
+    out."""
+    found = re.findall(rf"^{re.escape(line)}\s*# (.*?)(?::\s.*)?$", (DOCS / page).read_text(),
+                       re.M)  # fmt: skip
+    assert found, f"{page} has no line {line!r} with a comment"
+    return found
+
+
 def _comment(page: str, line: str) -> str:
-    """What the comment after a code line states: ``s.widths  # ((4, 8), ...)`` gives
-    ``((4, 8), ...)``; words after a ``": "`` are left out."""
-    m = re.search(rf"^{re.escape(line)}\s*# (.*?)(?::\s.*)?$", (DOCS / page).read_text(), re.M)
-    assert m, f"{page} has no line {line!r} with a comment"
-    return m[1]
+    """:func:`_comments` of the first occurrence."""
+    return _comments(page, line)[0]
 
 
 def _prose(page: str, pattern: str) -> list[float]:
@@ -96,10 +105,9 @@ def _getting_started(after, out):
 
 def _growing(after, out):
     page, (first, rounded, _, fitted, grown) = "growing.md", after[:5]
-    text = (DOCS / page).read_text()
     for expr in ("s.widths", "s.epochs"):  # the plain schedule, then the one with multiple_of
-        stated = re.findall(rf"^{re.escape(expr)}\s*# (.*)$", text, re.M)
-        assert [eval(expr, ns) for ns in (first, rounded)] == list(map(ast.literal_eval, stated))
+        stated = [ast.literal_eval(c) for c in _comments(page, expr)]
+        assert [eval(expr, ns) for ns in (first, rounded)] == stated
     ratio = float(_comment(page, "s.predicted_cost_ratio()"))
     assert round(first["s"].predicted_cost_ratio(), 2) == ratio
     # one compile per stage: five for the page's schedule (that of `s`), two for the shortened
@@ -202,7 +210,7 @@ SETS = ("mnist1d", "mnist", "digits")
 
 def _with_ci(*keys: str) -> list[str]:
     """Each delta key ``x_pt`` followed by its interval keys ``x_ci_low_pt``, ``x_ci_high_pt``."""
-    return [k for key in keys for k in (key, f"{key[:-3]}_ci_low_pt", f"{key[:-3]}_ci_high_pt")]
+    return [k for key in keys for k in (key, *ci_keys(key))]
 
 
 QUOTED = [
