@@ -502,9 +502,7 @@ def _flops(model: tt.Conv1DNet, bench: Bench, steps: int, fast_mask: tuple[bool,
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
+    return protocol.number(x, spec)
 
 
 _delta = protocol.delta_text  # mean [low, high]
